@@ -1,0 +1,1 @@
+"""vidllm_edge.benchmarks (see DESIGN.md §2)."""

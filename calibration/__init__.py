@@ -1,0 +1,1 @@
+"""vidllm_edge.calibration (see DESIGN.md §2)."""

@@ -1,0 +1,1 @@
+"""vidllm_edge.engines (see DESIGN.md §2)."""

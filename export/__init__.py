@@ -1,0 +1,1 @@
+"""vidllm_edge.export (see DESIGN.md §2)."""

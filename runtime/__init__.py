@@ -1,0 +1,1 @@
+"""Backends, video sources, the pipeline and the CLI (DESIGN.md §5, §7)."""
