@@ -122,3 +122,11 @@ def load_into(module: nn.Module, state: Mapping[str, torch.Tensor], subject: str
         if callable(reset):
             reset()
     return module
+
+
+def assert_materialized(module: nn.Module, subject: str) -> None:
+    """Fail if any parameter or buffer is still on the meta device after loading."""
+    left = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointError(subject, f"left {len(left)} tensor(s) without values: {_listing(left)}.",
+                              "This is a bug in the loader for this architecture; please report it.")

@@ -1,0 +1,171 @@
+"""Video in, scene out, questions answered: the stage-by-stage data flow of DESIGN.md §1.
+
+`Pipeline.encode(video)` samples frames, runs the vision units of a backend, aligns the scale to
+metric depth, lifts and pools the language tokens in 3D, projects them, and prefills the LLM with the
+scene prefix once. `Scene.ask(question)` answers from that prefix (never recomputing it) and streams.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from vidllm_edge.errors import InputError
+from vidllm_edge.models.camera import pose_encoding_to_extri_intri
+from vidllm_edge.models.lift import lift_tokens
+from vidllm_edge.models.llm import Answer, GenerationConfig, ReferenceDecoder
+from vidllm_edge.models.pooling import voxel_pool
+from vidllm_edge.models.scale import align_scale, apply_scale, metric_frame_ids
+from vidllm_edge.runtime.torch_backend import torch_units
+from vidllm_edge.runtime.video import Frames, preprocess, read_frames
+from vidllm_edge.units import FEATURE_NAMES
+
+
+@dataclasses.dataclass
+class SceneGeometry:
+    """Metric geometry of the sampled frames (world = first camera, OpenCV axes, metres)."""
+
+    depth: torch.Tensor            # [S, H, W] metric depth
+    depth_conf: torch.Tensor       # [S, H, W]
+    world_points: torch.Tensor     # [S, H, W, 3] metric point map (point head)
+    extrinsics: torch.Tensor       # [S, 3, 4] world-to-camera, metric translation
+    intrinsics: torch.Tensor       # [S, 3, 3] pixels of the preprocessed frames
+    pose_enc: torch.Tensor         # [S, 9] network pose encoding (normalised scale)
+    scale: float                   # metres per network unit
+    per_frame_scale: torch.Tensor  # [S_m]
+    metric_depth: torch.Tensor     # [S_m, H, W] metric-depth model output
+    metric_frame_ids: torch.Tensor  # [S_m]
+
+
+class Scene:
+    """An encoded video: geometry, visual tokens and the LLM prefix cache; answers many questions."""
+
+    def __init__(self, frames: Frames, images: torch.Tensor, geometry: SceneGeometry, visual_tokens: torch.Tensor,
+                 voxel_centres: torch.Tensor, decoder: ReferenceDecoder, timings: dict[str, float],
+                 generation: GenerationConfig) -> None:
+        self.frames = frames
+        self.images = images              # [S, 3, H, W] in [0, 1], what the model saw
+        self.geometry = geometry
+        self.visual_tokens = visual_tokens  # [M, C_llm]
+        self.voxel_centres = voxel_centres  # [M, 3]
+        self.decoder = decoder
+        self.timings = timings
+        self.generation = generation
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.images.shape[0])
+
+    def stream(self, question: str, generation: GenerationConfig | None = None) -> Iterator[str | Answer]:
+        """Yield text pieces as they are decoded, then the final `Answer`."""
+        if not question or not question.strip():
+            raise InputError("Question", "is empty.", "Ask a question in words, e.g. --question \"Where is the door?\"")
+        for piece, answer in self.decoder.stream(question, generation or self.generation):
+            yield answer if answer is not None else piece
+
+    def ask(self, question: str, generation: GenerationConfig | None = None,
+            on_text: Callable[[str], None] | None = None) -> Answer:
+        """Answer ``question``; ``on_text`` receives each new piece of text as it is decoded."""
+        answer = None
+        for item in self.stream(question, generation):
+            if isinstance(item, Answer):
+                answer = item
+            elif on_text is not None:
+                on_text(item)
+        assert answer is not None, "the decoder ended without an answer"
+        return answer
+
+
+class Pipeline:
+    """Runs a `VidLLM` on videos through one backend (``torch`` here; others plug in the same units)."""
+
+    def __init__(self, model, backend: str = "torch", num_frames: int | None = None,
+                 generation: GenerationConfig | None = None) -> None:
+        if backend != "torch":
+            raise InputError(f"Backend: {backend}", "is not available in this pipeline.", "Use --backend torch.")
+        self.model = model.eval()
+        self.cfg = model.cfg
+        self.backend = backend
+        self.num_frames = num_frames or self.cfg.num_frames
+        self.generation = generation or GenerationConfig()
+        self._units: dict[tuple[int, int], dict] = {}
+
+    def units(self, image_hw: tuple[int, int]) -> dict:
+        if image_hw not in self._units:
+            self._units[image_hw] = torch_units(self.model, image_hw)
+        return self._units[image_hw]
+
+    def load_frames(self, video: str | Path | Frames, num_frames: int | None = None) -> Frames:
+        if isinstance(video, Frames):
+            return video
+        return read_frames(video, num_frames or self.num_frames)
+
+    @torch.inference_mode()
+    def encode(self, video: str | Path | Frames, num_frames: int | None = None) -> Scene:
+        """Encode a video file, frame folder or `Frames` into a `Scene` (timings in ms per stage)."""
+        timings: dict[str, float] = {}
+        stage = _Stopwatch(timings)
+        with stage("decode_video"):
+            frames = self.load_frames(video, num_frames)
+        with stage("preprocess"):
+            images = preprocess(frames.rgb, self.cfg.image_size, self.cfg.patch_size)  # [S, 3, H, W]
+        s, _, h, w = images.shape
+        units = self.units((h, w))
+        with stage("encoder_adapter"):
+            per = units["perception"]({"images": images})
+        with stage("geometry"):
+            geo = units["geometry"]({"t_geom": per["t_geom"]})
+        ids = metric_frame_ids(s, self.cfg.metric_depth.max_frames)
+        with stage("metric_depth"):
+            d_metric = units["metric_depth"]({n: per[n][ids] for n in FEATURE_NAMES})["metric_depth"]
+        with stage("scale"):
+            geometry = self._metric_geometry(geo, d_metric, ids, (h, w))
+        with stage("lift"):
+            t3d, points = lift_tokens(per["t_lang"], geometry.depth, geometry.intrinsics, geometry.extrinsics,
+                                      self.cfg.patch_size, self.model.pos_mlp)
+        with stage("pool"):
+            pooled = voxel_pool(t3d.reshape(-1, t3d.shape[-1]), points.reshape(-1, 3),  # [S*P, C], [S*P, 3]
+                                self.cfg.scene.voxel_size, self.cfg.scene.max_visual_tokens,
+                                self.cfg.scene.coarsen_factor)
+        with stage("projector"):
+            visual = self.model.projector(pooled.tokens)  # [M, C] -> [M, C_llm]
+        decoder = ReferenceDecoder(self.model.llm, self.model.tokenizer, self.model.box_head, self.cfg.llm)
+        with stage("prefill_prefix"):
+            decoder.prefill_prefix(visual)
+        timings["scene_total"] = sum(timings.values())
+        return Scene(frames, images, geometry, visual, pooled.centres, decoder, timings, self.generation)
+
+    def _metric_geometry(self, geo: dict, d_metric: torch.Tensor, ids: torch.Tensor,
+                         image_hw: tuple[int, int]) -> SceneGeometry:
+        fit = align_scale(geo["depth"][ids], d_metric, geo["depth_conf"][ids], ids)
+        extrinsics, intrinsics = pose_encoding_to_extri_intri(geo["pose_enc"], image_hw)
+        scaled = apply_scale({"depth": geo["depth"], "world_points": geo["world_points"], "extrinsics": extrinsics},
+                             fit.scale)
+        return SceneGeometry(depth=scaled["depth"], depth_conf=geo["depth_conf"], world_points=scaled["world_points"],
+                             extrinsics=scaled["extrinsics"], intrinsics=intrinsics, pose_enc=geo["pose_enc"],
+                             scale=float(fit.scale), per_frame_scale=fit.per_frame, metric_depth=d_metric,
+                             metric_frame_ids=ids)
+
+
+class _Stopwatch:
+    """``with stage("name"):`` adds the block's wall time in ms to ``timings[name]``."""
+
+    def __init__(self, timings: dict[str, float]) -> None:
+        self.timings = timings
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.timings[name] = self.timings.get(name, 0.0) + (time.perf_counter() - start) * 1e3
+
+
+def images_to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[S, 3, H, W] in [0, 1] -> uint8 [S, H, W, 3] RGB."""
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
