@@ -197,56 +197,106 @@ def crop_cache(cache, length: int) -> None:
     assert cache.get_seq_length() == length, f"cache crop left {cache.get_seq_length()} tokens, wanted {length}"
 
 
-class ReferenceDecoder:
-    """The torch reference prefill/decode path over a `transformers` causal LM and a DynamicCache.
+# The contract between the exporter (export/llm.py) and the runtime (runtime/ort_llm.py): file and tensor
+# names of the exported decoder. It lives here because both sides import this module and neither may
+# import the other.
+LLM_PREFILL_FILE = "llm_prefill.onnx"
+LLM_DECODE_FILE = "llm_decode.onnx"
+LLM_EMBED_FILE = "llm_embed.safetensors"
+LLM_EMBED_KEY = "embed_tokens"
 
-    ``prefill_prefix`` runs the scene prefix once; ``answer`` then reuses that cache for every
-    question and crops it back to the prefix afterwards, so a question never recomputes the prefix.
+
+def llm_io_names(num_layers: int, with_past: bool) -> tuple[list[str], list[str]]:
+    """Input and output names of ``llm_prefill`` (``with_past=False``) or ``llm_decode`` (``with_past=True``).
+
+    Inputs: inputs_embeds [1, T, D] float32, position_ids [1, T] int64, then past_key_{i}, past_value_{i}
+    [1, Hkv, past, Dh] per layer (decode only). Outputs: logits [1, V] and hidden [1, D] of the last
+    position, then present_key_{i}, present_value_{i} [1, Hkv, past + T, Dh] per layer.
+    """
+    inputs = ["inputs_embeds", "position_ids"]
+    if with_past:
+        inputs += [f"past_{kv}_{i}" for i in range(num_layers) for kv in ("key", "value")]
+    outputs = ["logits", "hidden"] + [f"present_{kv}_{i}" for i in range(num_layers) for kv in ("key", "value")]
+    return inputs, outputs
+
+
+class Decoder:
+    """Backend-neutral prompt/prefill/decode loop; subclasses own the model state (the KV cache).
+
+    ``prefill_prefix`` runs the scene prefix once; ``stream`` then reuses that state for every question
+    and crops it back to the prefix afterwards, so a question never recomputes the prefix.
+
+    A backend implements the hooks below. Embeddings, logits and hidden states cross the hooks as
+    float torch tensors (on the backend's device for the reference; CPU for others), so sampling and
+    stop logic are shared and identical for every backend.
     """
 
-    def __init__(self, llm: nn.Module, tokenizer, box_head: nn.Module, cfg: LLMConfig) -> None:
-        self.llm, self.tokenizer, self.box_head, self.cfg = llm, tokenizer, box_head, cfg
+    def __init__(self, tokenizer, cfg: LLMConfig) -> None:
+        self.tokenizer, self.cfg = tokenizer, cfg
         self.parts = split_prompt(tokenizer, cfg)
         self.loc_id = tokenizer.convert_tokens_to_ids(cfg.loc_token)
         self.eos_ids = {i for i in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>"))
                         if isinstance(i, int) and i >= 0}
-        self.cache = None
         self.prefix_len = 0
+        self._has_prefix = False
 
+    # -- hooks a backend implements ---------------------------------------------------------------
     @property
     def max_context(self) -> int:
-        return int(self.llm.config.max_position_embeddings)
+        """Positions the LLM supports (prefix + question + answer)."""
+        raise NotImplementedError
 
+    def _embed(self, ids: list[int]) -> torch.Tensor:
+        """Token ids -> input embeddings [1, T, D]."""
+        raise NotImplementedError
+
+    def _reset(self) -> None:
+        """Drop all cached state (the next `_forward` starts at position 0)."""
+        raise NotImplementedError
+
+    def _forward(self, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run embeds [1, T, D] at positions `_seq_len()`.. and append them to the cache.
+
+        Returns the logits [V] and the last-layer (final-norm) hidden state [D] of the last position.
+        """
+        raise NotImplementedError
+
+    def _seq_len(self) -> int:
+        """Tokens in the cache."""
+        raise NotImplementedError
+
+    def _crop(self, length: int) -> None:
+        """Cut the cache back to its first ``length`` tokens."""
+        raise NotImplementedError
+
+    def _box(self, hidden: torch.Tensor) -> list[float]:
+        """Box head on one hidden state [D] -> [cx, cy, cz, dx, dy, dz] in metres."""
+        raise NotImplementedError
+
+    # -- the shared loop -------------------------------------------------------------------------
     def embed(self, ids: list[int]) -> torch.Tensor:  # -> [1, T, C_llm]
-        table = self.llm.get_input_embeddings()
-        return table(torch.tensor([ids], dtype=torch.long, device=table.weight.device))
-
-    def _forward(self, embeds: torch.Tensor):
-        past = self.cache.get_seq_length() if self.cache is not None else 0
-        positions = torch.arange(past, past + embeds.shape[1], device=embeds.device)[None]
-        out = self.llm(inputs_embeds=embeds, position_ids=positions, use_cache=True, output_hidden_states=True,
-                       **{cache_argument(self.llm): self.cache})  # the cache object is updated in place
-        return out.logits[0, -1], out.hidden_states[-1][0, -1]
+        return self._embed(ids)
 
     @torch.inference_mode()
     def prefill_prefix(self, visual_tokens: torch.Tensor) -> float:
         """Run system prompt + visual tokens [M, C_llm] once; returns milliseconds."""
-        from transformers import DynamicCache
-
         start = time.perf_counter()
-        embeds = torch.cat([self.embed(self.parts.prefix_ids), visual_tokens[None].to(self.llm.dtype)], dim=1)
+        prefix = self._embed(self.parts.prefix_ids)
+        embeds = torch.cat([prefix, visual_tokens[None].to(device=prefix.device, dtype=prefix.dtype)], dim=1)
         if embeds.shape[1] >= self.max_context:
             raise InputError("Scene prefix", f"has {embeds.shape[1]} tokens, the LLM's context is {self.max_context}.",
                              "Lower scene.max_visual_tokens or use an LLM with a longer context.")
-        self.cache = DynamicCache(config=self.llm.config)
+        self._has_prefix = False  # a failure below leaves no half-built prefix behind
+        self._reset()
         self._forward(embeds)
         self.prefix_len = embeds.shape[1]
+        self._has_prefix = True
         return (time.perf_counter() - start) * 1e3
 
     @torch.inference_mode()
     def stream(self, question: str, gen: GenerationConfig) -> Iterator[tuple[str, Answer | None]]:
         """Yield (new text, None) while decoding, then ("", Answer) once at the end."""
-        if self.cache is None:
+        if not self._has_prefix:
             raise InputError("Scene", "has no prefix yet.", "Call Pipeline.encode(video) before asking questions.")
         ids = self.tokenizer(self.parts.question_template.format(question=question), add_special_tokens=False)["input_ids"]
         budget = self.max_context - self.prefix_len - len(ids)
@@ -256,7 +306,7 @@ class ReferenceDecoder:
         generator = torch.Generator().manual_seed(gen.seed) if gen.temperature > 0 else None
         t0 = time.perf_counter()
         try:
-            logits, hidden = self._forward(self.embed(ids))
+            logits, hidden = self._forward(self._embed(ids))
             ttft = (time.perf_counter() - t0) * 1e3
             out_ids: list[int] = []
             boxes: list[list[float]] = []
@@ -266,9 +316,9 @@ class ReferenceDecoder:
                 if token in self.eos_ids:
                     break
                 out_ids.append(token)
-                logits, hidden = self._forward(self.embed([token]))
+                logits, hidden = self._forward(self._embed([token]))
                 if token == self.loc_id:  # the hidden state of <loc> itself carries the box
-                    boxes.append([float(v) for v in self.box_head(hidden[None])[0]])
+                    boxes.append(self._box(hidden))
                 full = self.tokenizer.decode(out_ids, skip_special_tokens=False)
                 if not full.endswith("\ufffd"):  # hold back incomplete UTF-8 sequences
                     yield full[len(text):], None
@@ -282,4 +332,42 @@ class ReferenceDecoder:
             text = self.tokenizer.decode(out_ids, skip_special_tokens=False)
             yield "", Answer(question=question, text=text, token_ids=out_ids, boxes=boxes, timings=timings)
         finally:
-            crop_cache(self.cache, self.prefix_len)  # back to the scene prefix for the next question
+            self._crop(self.prefix_len)  # back to the scene prefix for the next question
+
+
+class ReferenceDecoder(Decoder):
+    """The torch reference: a `transformers` causal LM over a DynamicCache (``self.cache``)."""
+
+    def __init__(self, llm: nn.Module, tokenizer, box_head: nn.Module, cfg: LLMConfig) -> None:
+        super().__init__(tokenizer, cfg)
+        self.llm, self.box_head = llm, box_head
+        self.cache = None
+
+    @property
+    def max_context(self) -> int:
+        return int(self.llm.config.max_position_embeddings)
+
+    def _embed(self, ids: list[int]) -> torch.Tensor:  # -> [1, T, C_llm]
+        table = self.llm.get_input_embeddings()
+        return table(torch.tensor([ids], dtype=torch.long, device=table.weight.device))
+
+    def _reset(self) -> None:
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=self.llm.config)
+
+    def _seq_len(self) -> int:
+        return self.cache.get_seq_length() if self.cache is not None else 0
+
+    def _forward(self, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        past = self._seq_len()
+        positions = torch.arange(past, past + embeds.shape[1], device=embeds.device)[None]
+        out = self.llm(inputs_embeds=embeds, position_ids=positions, use_cache=True, output_hidden_states=True,
+                       **{cache_argument(self.llm): self.cache})  # the cache object is updated in place
+        return out.logits[0, -1], out.hidden_states[-1][0, -1]
+
+    def _crop(self, length: int) -> None:
+        crop_cache(self.cache, length)
+
+    def _box(self, hidden: torch.Tensor) -> list[float]:
+        return [float(v) for v in self.box_head(hidden[None])[0]]

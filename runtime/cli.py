@@ -66,8 +66,9 @@ def _load_model(args):
 
 
 def run_video(video: Path, questions: Sequence[str], model, model_name: str, out: Path, frames: int | None,
-              generation, stream=sys.stdout, log=sys.stderr) -> dict[str, Path]:
+              generation, stream=None, log=None) -> dict[str, Path]:
     """Encode ``video``, answer ``questions`` (streaming text to ``stream``), write the artifacts to ``out``."""
+    stream, log = stream or sys.stdout, log or sys.stderr
     from vidllm_edge import atomic
     from vidllm_edge.runtime.artifacts import write_run_outputs
     from vidllm_edge.runtime.pipeline import Pipeline
