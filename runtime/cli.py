@@ -121,7 +121,7 @@ def cmd_demo(args) -> int:
           file=sys.stderr, flush=True)
     questions = ["What is in the room?", "Where is the red box? <loc>"]
     written = run_video(video, questions, model, "preset:tiny (random weights, seed 0)", out / "run", args.frames,
-                        GenerationConfig(max_new_tokens=16))
+                        GenerationConfig(max_new_tokens=16, temperature=1.0, top_p=0.95))
     print(f"\nvideo:        {video}\nground truth: {truth}")
     _print_written(written)
     print(f"demo finished in {time.perf_counter() - start:.1f} s")
