@@ -17,10 +17,10 @@ from vidllm_edge.errors import VidLLMError
 EXIT_OK, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 2, 130
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     from vidllm_edge.models.config import PRESETS
 
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group(required=required)
     src.add_argument("--preset", choices=sorted(PRESETS), help="build a model with seeded random weights")
     src.add_argument("--checkpoint", type=Path, help="a folder written by save_pretrained")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights with --preset (default 0)")
@@ -42,11 +42,26 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="video -> metric geometry, point cloud and answers")
     run.add_argument("--video", required=True, type=Path, help="a video file or a folder of frames")
     run.add_argument("--question", action="append", default=[], help="repeat for several questions")
-    _add_model_args(run)
+    _add_model_args(run, required=False)
     run.add_argument("--out", required=True, type=Path, help="output folder")
     run.add_argument("--frames", type=int, default=None, help="frames to sample (default: the preset's)")
-    run.add_argument("--backend", default="torch", choices=["torch"], help="inference backend")
+    run.add_argument("--backend", default="torch", choices=list(BACKENDS),
+                     help="torch (needs --preset/--checkpoint) or onnxruntime (needs --engines)")
+    run.add_argument("--engines", type=Path, default=None, help="an export folder (vidllm-edge export --out)")
+    run.add_argument("--providers", default=None,
+                     help="ONNX Runtime providers, comma-separated (default CPUExecutionProvider)")
     _add_generation_args(run)
+
+    export = sub.add_parser("export", help="export every unit to ONNX, validated against the reference and linted")
+    _add_model_args(export)
+    export.add_argument("--out", required=True, type=Path, help="export folder")
+    export.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
+    export.add_argument("--frames", default=None, help="MIN:OPT:MAX frame counts (default 1:8:<preset frames>)")
+    export.add_argument("--image-hw", default=None, help="HxW of the preprocessed frames (default: a 4:3 video's)")
+    export.add_argument("--units", default=None, help="comma-separated subset of units (default: all)")
+    export.add_argument("--allow-unsupported", action="store_true",
+                        help="keep graphs with operators TensorRT 10 cannot parse")
+    export.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime parity check")
 
     demo = sub.add_parser("demo", help="render a synthetic room video and run the tiny model on it (CPU)")
     demo.add_argument("--out", type=Path, default=Path("vidllm-edge-demo"), help="output folder")
@@ -65,16 +80,17 @@ def _load_model(args):
     return build_model(args.preset, seed=args.seed), f"preset:{args.preset} (random weights, seed {args.seed})"
 
 
-def run_video(video: Path, questions: Sequence[str], model, model_name: str, out: Path, frames: int | None,
-              generation, stream=None, log=None) -> dict[str, Path]:
-    """Encode ``video``, answer ``questions`` (streaming text to ``stream``), write the artifacts to ``out``."""
+BACKENDS = ("torch", "onnxruntime")
+
+
+def run_video(video: Path, questions: Sequence[str], pipeline, model_name: str, out: Path,
+              stream=None, log=None) -> dict[str, Path]:
+    """Encode ``video`` with ``pipeline``, answer ``questions`` (streaming to ``stream``), write artifacts to ``out``."""
     stream, log = stream or sys.stdout, log or sys.stderr
     from vidllm_edge import atomic
     from vidllm_edge.runtime.artifacts import write_run_outputs
-    from vidllm_edge.runtime.pipeline import Pipeline
 
     atomic.ensure_dir(out)  # fail before any compute if the folder cannot be written
-    pipeline = Pipeline(model, num_frames=frames, generation=generation)
     print(f"encoding {video} ...", file=log, flush=True)
     scene = pipeline.encode(video)
     for warning in scene.frames.warnings:
@@ -94,14 +110,28 @@ def run_video(video: Path, questions: Sequence[str], model, model_name: str, out
 
 
 def cmd_run(args) -> int:
+    from vidllm_edge.errors import InputError
     from vidllm_edge.models.llm import GenerationConfig
+    from vidllm_edge.runtime.pipeline import Pipeline
 
-    if not args.question:
-        print("note: no --question given; writing geometry only.", file=sys.stderr)
-    model, name = _load_model(args)
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                            seed=args.seed)
-    written = run_video(args.video, args.question, model, name, args.out, args.frames, gen)
+    if args.backend == "torch":
+        if args.engines is not None or (args.preset is None and args.checkpoint is None):
+            raise InputError("Arguments: --backend torch", "needs --preset or --checkpoint (and no --engines).",
+                             "Add --preset tiny, or run an export folder with --backend onnxruntime --engines DIR.")
+        model, name = _load_model(args)
+        pipeline = Pipeline(model, num_frames=args.frames, generation=gen)
+    else:
+        if args.engines is None or args.preset is not None or args.checkpoint is not None:
+            raise InputError(f"Arguments: --backend {args.backend}", "needs --engines DIR (and no --preset/--checkpoint).",
+                             "Export first: vidllm-edge export --preset tiny --out DIR; then --engines DIR.")
+        providers = args.providers.split(",") if args.providers else None
+        pipeline = Pipeline.from_export(args.engines, providers=providers, num_frames=args.frames, generation=gen)
+        name = f"export:{args.engines}"
+    if not args.question:
+        print("note: no --question given; writing geometry only.", file=sys.stderr)
+    written = run_video(args.video, args.question, pipeline, name, args.out)
     _print_written(written)
     return EXIT_OK
 
@@ -115,13 +145,16 @@ def cmd_demo(args) -> int:
     out = args.out
     print("rendering the synthetic room video ...", file=sys.stderr, flush=True)
     video, truth = write_scene(out)
+    from vidllm_edge.runtime.pipeline import Pipeline
+
     model = build_model("tiny", seed=0)
     print("\nThe tiny model has RANDOM weights: its text, depth and boxes are meaningless. The demo shows the\n"
           "machinery (sampling, geometry, metric scale, 3D pooling, prompting, streaming, artifacts) end to end.\n",
           file=sys.stderr, flush=True)
     questions = ["What is in the room?", "Where is the red box? <loc>"]
-    written = run_video(video, questions, model, "preset:tiny (random weights, seed 0)", out / "run", args.frames,
-                        GenerationConfig(max_new_tokens=16, temperature=1.0, top_p=0.95))
+    pipeline = Pipeline(model, num_frames=args.frames,
+                        generation=GenerationConfig(max_new_tokens=16, temperature=1.0, top_p=0.95))
+    written = run_video(video, questions, pipeline, "preset:tiny (random weights, seed 0)", out / "run")
     print(f"\nvideo:        {video}\nground truth: {truth}")
     _print_written(written)
     print(f"demo finished in {time.perf_counter() - start:.1f} s")
@@ -131,6 +164,30 @@ def cmd_demo(args) -> int:
 def _print_written(written: dict[str, Path]) -> None:
     for name, path in written.items():
         print(f"{name + ':':13} {path}")
+
+
+def cmd_export(args) -> int:
+    from vidllm_edge.export.exporter import ALL_UNITS, FrameProfile, export_model, parse_hw
+
+    frames = FrameProfile.parse(args.frames) if args.frames else None
+    image_hw = parse_hw(args.image_hw) if args.image_hw else None
+    units = tuple(u.strip() for u in args.units.split(",")) if args.units else ALL_UNITS
+    if args.checkpoint is not None and not args.checkpoint.is_dir():
+        from vidllm_edge.errors import CheckpointError
+
+        raise CheckpointError(f"Checkpoint folder: {args.checkpoint}", "does not exist or is not a folder.",
+                              "Pass a folder written by save_pretrained, or --preset NAME.")
+    from vidllm_edge import atomic
+
+    atomic.ensure_dir(args.out, "Export folder")  # before the model is built
+    model, name = _load_model(args)
+    start = time.perf_counter()
+    manifest = export_model(model, args.out, precision=args.precision, frames=frames, units=units, image_hw=image_hw,
+                            allow_unsupported=args.allow_unsupported, validate=not args.no_validate,
+                            source={"model": name})
+    print(f"exported {len(manifest['units'])} unit(s) to {args.out} in {time.perf_counter() - start:.1f} s "
+          f"(manifest: {args.out / 'manifest.json'})")
+    return EXIT_OK
 
 
 def cmd_doctor(args) -> int:
@@ -146,7 +203,7 @@ def cmd_doctor(args) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "demo": cmd_demo, "doctor": cmd_doctor}
+COMMANDS = {"run": cmd_run, "demo": cmd_demo, "export": cmd_export, "doctor": cmd_doctor}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

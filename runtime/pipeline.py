@@ -18,11 +18,10 @@ import torch
 
 from vidllm_edge.errors import InputError
 from vidllm_edge.models.camera import pose_encoding_to_extri_intri
-from vidllm_edge.models.lift import lift_tokens
-from vidllm_edge.models.llm import Answer, GenerationConfig, ReferenceDecoder
+from vidllm_edge.models.lift import backproject, patch_centres, patch_grid_depth
+from vidllm_edge.models.llm import Answer, GenerationConfig
 from vidllm_edge.models.pooling import voxel_pool
 from vidllm_edge.models.scale import align_scale, apply_scale, metric_frame_ids
-from vidllm_edge.runtime.torch_backend import torch_units
 from vidllm_edge.runtime.video import Frames, preprocess, read_frames
 from vidllm_edge.units import FEATURE_NAMES
 
@@ -47,7 +46,7 @@ class Scene:
     """An encoded video: geometry, visual tokens and the LLM prefix cache; answers many questions."""
 
     def __init__(self, frames: Frames, images: torch.Tensor, geometry: SceneGeometry, visual_tokens: torch.Tensor,
-                 voxel_centres: torch.Tensor, decoder: ReferenceDecoder, timings: dict[str, float],
+                 voxel_centres: torch.Tensor, decoder, timings: dict[str, float],
                  generation: GenerationConfig) -> None:
         self.frames = frames
         self.images = images              # [S, 3, H, W] in [0, 1], what the model saw
@@ -83,22 +82,51 @@ class Scene:
 
 
 class Pipeline:
-    """Runs a `VidLLM` on videos through one backend (``torch`` here; others plug in the same units)."""
+    """Runs Vid-LLM on videos through one backend; every backend provides the same units.
 
-    def __init__(self, model, backend: str = "torch", num_frames: int | None = None,
-                 generation: GenerationConfig | None = None) -> None:
-        if backend != "torch":
-            raise InputError(f"Backend: {backend}", "is not available in this pipeline.", "Use --backend torch.")
-        self.model = model.eval()
-        self.cfg = model.cfg
+    ``Pipeline(model)`` runs the torch reference; `Pipeline.from_export(folder)` runs an export folder on
+    ONNX Runtime. ``units_for(image_hw)`` returns the vision units, ``decoder_factory()`` a fresh LLM decoder.
+    """
+
+    def __init__(self, model=None, backend: str = "torch", num_frames: int | None = None,
+                 generation: GenerationConfig | None = None, *, cfg=None, units_for=None,
+                 decoder_factory=None, image_hw: tuple[int, int] | None = None) -> None:
+        if model is not None:
+            if backend != "torch":
+                raise InputError(f"Backend: {backend}", "needs an export folder, not a model.",
+                                 "Use Pipeline.from_export(folder) (CLI: --backend onnxruntime --engines DIR).")
+            from vidllm_edge.models.llm import ReferenceDecoder
+            from vidllm_edge.runtime.torch_backend import torch_units
+
+            model = model.eval()
+            cfg = model.cfg
+            units_for = lambda hw: torch_units(model, hw)  # noqa: E731
+            decoder_factory = lambda: ReferenceDecoder(model.llm, model.tokenizer, model.box_head, cfg.llm)  # noqa: E731
+        assert cfg is not None and units_for is not None and decoder_factory is not None, \
+            "Pipeline needs a model, or cfg + units_for + decoder_factory"
+        self.model = model
+        self.cfg = cfg
         self.backend = backend
-        self.num_frames = num_frames or self.cfg.num_frames
+        self.num_frames = num_frames or cfg.num_frames
         self.generation = generation or GenerationConfig()
+        self.image_hw = image_hw  # fixed frame size of compiled units (None: any size)
+        self._units_for = units_for
+        self._decoder_factory = decoder_factory
         self._units: dict[tuple[int, int], dict] = {}
+
+    @classmethod
+    def from_export(cls, folder: str | Path, providers: list[str] | None = None, num_frames: int | None = None,
+                    generation: GenerationConfig | None = None) -> "Pipeline":
+        """A pipeline over an export folder (``vidllm-edge export``) on ONNX Runtime."""
+        from vidllm_edge.runtime.ort_backend import load_export
+
+        bundle = load_export(folder, providers)
+        return cls(None, backend="onnxruntime", num_frames=num_frames, generation=generation, cfg=bundle.cfg,
+                   units_for=bundle.units_for, decoder_factory=bundle.decoder_factory, image_hw=bundle.image_hw)
 
     def units(self, image_hw: tuple[int, int]) -> dict:
         if image_hw not in self._units:
-            self._units[image_hw] = torch_units(self.model, image_hw)
+            self._units[image_hw] = self._units_for(image_hw)
         return self._units[image_hw]
 
     def load_frames(self, video: str | Path | Frames, num_frames: int | None = None) -> Frames:
@@ -116,6 +144,10 @@ class Pipeline:
         with stage("preprocess"):
             images = preprocess(frames.rgb, self.cfg.image_size, self.cfg.patch_size)  # [S, 3, H, W]
         s, _, h, w = images.shape
+        if self.image_hw is not None and (h, w) != tuple(self.image_hw):
+            raise InputError(f"Video: {frames.source}", f"gives {w}x{h} frames after preprocessing; the compiled "
+                             f"units take {self.image_hw[1]}x{self.image_hw[0]}.",
+                             f"Re-export for this video: vidllm-edge export ... --image-hw {h}x{w}.")
         units = self.units((h, w))
         with stage("encoder_adapter"):
             per = units["perception"]({"images": images})
@@ -127,15 +159,15 @@ class Pipeline:
         with stage("scale"):
             geometry = self._metric_geometry(geo, d_metric, ids, (h, w))
         with stage("lift"):
-            t3d, points = lift_tokens(per["t_lang"], geometry.depth, geometry.intrinsics, geometry.extrinsics,
-                                      self.cfg.patch_size, self.model.pos_mlp)
+            points = patch_points(geometry.depth, geometry.intrinsics, geometry.extrinsics, self.cfg.patch_size)
+            t3d = units["lift_project"]({"t_lang": per["t_lang"], "points": points})["t3d"]  # [S, P, C]
         with stage("pool"):
             pooled = voxel_pool(t3d.reshape(-1, t3d.shape[-1]), points.reshape(-1, 3),  # [S*P, C], [S*P, 3]
                                 self.cfg.scene.voxel_size, self.cfg.scene.max_visual_tokens,
                                 self.cfg.scene.coarsen_factor)
         with stage("projector"):
-            visual = self.model.projector(pooled.tokens)  # [M, C] -> [M, C_llm]
-        decoder = ReferenceDecoder(self.model.llm, self.model.tokenizer, self.model.box_head, self.cfg.llm)
+            visual = units["projector"]({"tokens": pooled.tokens.float()})["visual"]  # [M, C] -> [M, C_llm]
+        decoder = self._decoder_factory()
         with stage("prefill_prefix"):
             decoder.prefill_prefix(visual)
         timings["scene_total"] = sum(timings.values())
@@ -164,6 +196,13 @@ class _Stopwatch:
         start = time.perf_counter()
         yield
         self.timings[name] = self.timings.get(name, 0.0) + (time.perf_counter() - start) * 1e3
+
+
+def patch_points(depth: torch.Tensor, intrinsics: torch.Tensor, extrinsics: torch.Tensor, patch: int) -> torch.Tensor:
+    """Back-projected patch centres P_v [S, P, 3] (world = first camera) from metric depth mean-pooled per patch."""
+    grid = patch_grid_depth(depth, patch)  # [S, h, w]
+    uv = patch_centres(grid.shape[1], grid.shape[2], patch, dtype=depth.dtype, device=depth.device)
+    return backproject(grid, uv, intrinsics, extrinsics).flatten(1, 2)  # [S, h, w, 3] -> [S, P, 3]
 
 
 def images_to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -44,6 +44,12 @@ def torch_units(model, image_hw: tuple[int, int]) -> dict[str, Backend]:
     def metric_depth(**feats: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"metric_depth": model.metric_depth([feats[n] for n in U.FEATURE_NAMES], (h, w))}
 
+    def lift_project(t_lang: torch.Tensor, points: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"t3d": t_lang + model.pos_mlp(points)}  # T_3D = T'_lang + MLP(P_v)
+
+    def projector(tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"visual": model.projector(tokens)}
+
     def box_head(hidden: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"boxes": model.box_head(hidden)}
 
@@ -51,5 +57,7 @@ def torch_units(model, image_hw: tuple[int, int]) -> dict[str, Backend]:
         "perception": TorchUnit(U.PERCEPTION, perception, {"H": h, "W": w}),
         "geometry": TorchUnit(U.GEOMETRY, geometry, vision),
         "metric_depth": TorchUnit(U.METRIC_DEPTH, metric_depth, vision),
+        "lift_project": TorchUnit(U.LIFT_PROJECT, lift_project, vision),
+        "projector": TorchUnit(U.PROJECTOR, projector, {"C": model.cfg.embed_dim, "D": model.dim_llm}),
         "box_head": TorchUnit(U.BOX_HEAD, box_head, {"D": model.dim_llm}),
     }

@@ -54,10 +54,20 @@ METRIC_DEPTH = UnitSpec(
     inputs=tuple(TensorSpec(n, "float32", ("Sm", "P", "C")) for n in FEATURE_NAMES),
     outputs=(TensorSpec("metric_depth", "float32", ("Sm", "H", "W")),),
 )
+LIFT_PROJECT = UnitSpec(
+    "lift_project",
+    inputs=(TensorSpec("t_lang", "float32", ("S", "P", "C")), TensorSpec("points", "float32", ("S", "P", 3))),
+    outputs=(TensorSpec("t3d", "float32", ("S", "P", "C")),),
+)
+PROJECTOR = UnitSpec(
+    "projector",
+    inputs=(TensorSpec("tokens", "float32", ("M", "C")),),
+    outputs=(TensorSpec("visual", "float32", ("M", "D")),),
+)
 BOX_HEAD = UnitSpec(
     "box_head",
     inputs=(TensorSpec("hidden", "float32", ("N", "D")),),
     outputs=(TensorSpec("boxes", "float32", ("N", 6)),),
 )
 
-VISION_UNITS = {u.name: u for u in (PERCEPTION, GEOMETRY, METRIC_DEPTH, BOX_HEAD)}
+VISION_UNITS = {u.name: u for u in (PERCEPTION, GEOMETRY, METRIC_DEPTH, LIFT_PROJECT, PROJECTOR, BOX_HEAD)}

@@ -1,0 +1,152 @@
+"""The ONNX Runtime backend: an export folder's units behind the one backend interface.
+
+CPU provider everywhere; the CUDA provider where onnxruntime-gpu is installed, with I/O binding: input
+tensors already on the GPU are bound in place, and outputs are written into torch tensors allocated on
+the GPU (their shapes follow from the unit's spec), so chained units never copy through the host.
+The manifest and every file's sha256 are checked before any session is created.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from vidllm_edge import manifest as M
+from vidllm_edge import units as U
+from vidllm_edge.errors import CheckpointError, DependencyError
+from vidllm_edge.optional import require
+from vidllm_edge.runtime.backend import Backend, validate_feed
+
+_NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32}
+_TORCH = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32}
+
+
+def resolve_providers(providers: list[str] | None) -> list[str]:
+    """Providers to use; asking for one that is not installed is an error (no silent fallback)."""
+    ort = require("onnxruntime", "the onnxruntime backend")
+    available = ort.get_available_providers()
+    wanted = providers or ["CPUExecutionProvider"]
+    missing = [p for p in wanted if p not in available]
+    if missing:
+        raise DependencyError(f"ONNX Runtime providers: {', '.join(missing)}", f"are not available (installed: "
+                              f"{', '.join(available)}).", "Install onnxruntime-gpu for CUDAExecutionProvider, "
+                              "or use --providers CPUExecutionProvider.")
+    return wanted
+
+
+def open_session(path: Path, providers: list[str]):
+    """An InferenceSession, or a CheckpointError naming a corrupted/unreadable graph."""
+    ort = require("onnxruntime", "the onnxruntime backend")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as exc:  # ORT raises its own Fail/InvalidProtobuf types
+        raise CheckpointError(f"ONNX file: {path}", f"cannot be loaded ({str(exc).splitlines()[0][:300]}).",
+                              "The file is damaged or incomplete: export again (vidllm-edge export ...).") from exc
+
+
+class OrtUnit(Backend):
+    """One exported unit on ONNX Runtime."""
+
+    name = "onnxruntime"
+
+    def __init__(self, spec: U.UnitSpec, path: Path, providers: list[str], bound: dict[str, int]) -> None:
+        super().__init__(spec, bound)
+        self.path = path
+        self.session = open_session(path, providers)
+        self.on_cuda = self.session.get_providers()[0] == "CUDAExecutionProvider"
+        names = [o.name for o in self.session.get_outputs()]
+        expected = [t.name for t in spec.outputs]
+        if names != expected:
+            raise CheckpointError(f"ONNX file: {path}", f"has outputs {names}, the unit {spec.name} has {expected}.",
+                                  "Export again with this version of vidllm-edge.")
+
+    def __call__(self, feed):
+        symbols = validate_feed(self.spec, feed, self.bound)
+        return self._run(dict(feed), symbols)
+
+    def _run(self, feed, symbols=None):
+        if self.on_cuda:
+            return self._run_cuda(feed, symbols or validate_feed(self.spec, feed, self.bound))
+        arrays = {k: v.detach().cpu().numpy() for k, v in feed.items()}
+        values = self.session.run([t.name for t in self.spec.outputs], arrays)
+        return {t.name: torch.from_numpy(v) for t, v in zip(self.spec.outputs, values)}
+
+    def _run_cuda(self, feed, symbols: dict[str, int]):
+        binding = self.session.io_binding()
+        device = torch.device("cuda", torch.cuda.current_device())
+        keep = []
+        for t in self.spec.inputs:
+            x = feed[t.name].to(device).contiguous()
+            keep.append(x)
+            binding.bind_input(t.name, "cuda", device.index, _NP[x.dtype], list(x.shape), x.data_ptr())
+        outs = {}
+        for t in self.spec.outputs:
+            shape = [d if isinstance(d, int) else symbols[d] for d in t.shape]
+            y = torch.empty(shape, dtype=_TORCH[t.dtype], device=device)
+            binding.bind_output(t.name, "cuda", device.index, _NP[y.dtype], shape, y.data_ptr())
+            outs[t.name] = y
+        self.session.run_with_iobinding(binding)
+        return outs
+
+
+@dataclass
+class ExportBundle:
+    """What a pipeline needs from an export folder."""
+
+    folder: Path
+    manifest: dict
+    cfg: object
+    image_hw: tuple[int, int]
+    units_for: Callable
+    decoder_factory: Callable
+
+
+def load_export(folder: str | Path, providers: list[str] | None = None) -> ExportBundle:
+    """Check ``folder`` (manifest, hashes) and prepare lazy unit and decoder construction."""
+    from vidllm_edge.models.config import VidLLMConfig
+    from vidllm_edge.models.tokenizer import load_tokenizer
+    from vidllm_edge.runtime.ort_llm import OrtDecoder
+
+    folder = Path(folder)
+    manifest = M.read_manifest(folder)
+    needed = [u for u in U.VISION_UNITS] + ["llm_prefill", "llm_decode"]
+    missing = [u for u in needed if u not in manifest["units"]]
+    if missing:
+        raise CheckpointError(f"Export folder: {folder}", f"lacks the units {missing}.",
+                              f"Export them: vidllm-edge export ... --out {folder} (all units by default).")
+    M.verify_files(folder, manifest)
+    providers = resolve_providers(providers)
+    cfg = VidLLMConfig.from_dict(json.loads((folder / "config.json").read_text()))
+    tokenizer = load_tokenizer(folder)
+    image_hw = tuple(manifest["image_hw"])
+    dims = {"H": image_hw[0], "W": image_hw[1],
+            "P": (image_hw[0] // cfg.patch_size) * (image_hw[1] // cfg.patch_size), "C": cfg.embed_dim,
+            "D": int(manifest["units"]["llm_decode"]["llm"]["hidden_size"])}
+    cache: dict[str, OrtUnit] = {}
+
+    def unit(name: str) -> OrtUnit:
+        if name not in cache:
+            spec = U.VISION_UNITS[name]
+            fixed = {k: v for k, v in dims.items() if any(k in t.shape for t in spec.inputs + spec.outputs)}
+            cache[name] = OrtUnit(spec, folder / manifest["units"][name]["file"], providers, fixed)
+        return cache[name]
+
+    def units_for(hw: tuple[int, int]) -> dict[str, OrtUnit]:
+        assert tuple(hw) == image_hw, f"units were exported for {image_hw}, asked for {hw}"
+        return {name: unit(name) for name in U.VISION_UNITS}
+
+    def box_fn(hidden):
+        h = torch.as_tensor(np.asarray(hidden) if not isinstance(hidden, torch.Tensor) else hidden).float()
+        return unit("box_head")({"hidden": h.reshape(1, -1)})["boxes"]
+
+    def decoder_factory():
+        return OrtDecoder(folder / "onnx", tokenizer, cfg.llm, box_fn=box_fn, providers=providers)
+
+    return ExportBundle(folder, manifest, cfg, image_hw, units_for, decoder_factory)
