@@ -69,7 +69,7 @@ def default_image_hw(cfg) -> tuple[int, int]:
     """The frame size a 4:3 landscape video gets from the preprocessing (short side = cfg.image_size)."""
     from vidllm_edge.runtime.video import plan_preprocess
 
-    return tuple(plan_preprocess(480, 640, cfg.image_size, cfg.patch_size).out_hw)
+    return tuple(plan_preprocess(480, 640, cfg.image_size, cfg.patch_size).output_hw)
 
 
 def export_model(model, out_dir: str | Path, precision: str = "fp32", frames: FrameProfile | None = None,

@@ -21,8 +21,9 @@ from vidllm_edge.export.wrappers import frozen_constants
 from vidllm_edge.optional import require
 
 EXTERNAL_DATA_BYTES = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB limit, with headroom
-FP32_OPS = ["LayerNormalization", "Softmax", "Exp", "Log", "Sign", "Abs", "ReduceMean", "Pow", "Sqrt",
-            "Div", "Reciprocal", "Softplus", "CumSum", "Range", "Sin", "Cos", "Expm1"]
+# LayerNorm and softmax accumulate in FP32 (DESIGN.md §4); Exp/Log/Sign/Abs/Softplus are the depth,
+# point and confidence activations (exp, expp1, inv_log) and the metric bins; Sin/Cos/Range build positions.
+FP32_OPS = ["LayerNormalization", "Softmax", "Exp", "Log", "Sign", "Abs", "Softplus", "Sin", "Cos", "Range", "CumSum"]
 MAX_DIM = 4096
 
 
@@ -94,6 +95,9 @@ def to_fp16(path: Path, external: bool) -> None:
     model = onnx.load(str(path))
     converted = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=FP32_OPS,
                                                  disable_shape_infer=external)
+    drop_duplicate_producers(converted.graph)  # without shape inference it may insert one cast twice
+    _toposort(converted.graph)  # the converter appends its input casts at the end of the node list
+    unique_node_names(converted.graph)
     for f in path.parent.iterdir():
         if f.name.startswith(path.name):
             f.unlink()
@@ -102,3 +106,61 @@ def to_fp16(path: Path, external: bool) -> None:
                         location=path.name + ".data")
     else:
         onnx.save_model(converted, str(path))
+
+
+def _toposort(graph) -> None:
+    """Reorder ``graph.node`` so every node comes after the producers of its inputs (ONNX requires it)."""
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered = []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(name in ready for name in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            raise ExportError("FP16 conversion", f"left {len(rest)} node(s) with inputs nobody produces "
+                              f"(first: {rest[0].op_type} {rest[0].name}).", "Export in fp32 and report this graph.")
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def drop_duplicate_producers(graph) -> int:
+    """Remove nodes that recompute an output an identical earlier node already produces; returns how many."""
+    first: dict[str, object] = {}
+    keep, dropped = [], 0
+    for node in graph.node:
+        clash = [first[o] for o in node.output if o in first]
+        if clash:
+            same = all(c.op_type == node.op_type and list(c.input) == list(node.input)
+                       and list(c.output) == list(node.output) and list(c.attribute) == list(node.attribute)
+                       for c in clash)
+            if not same:
+                raise ExportError("FP16 conversion", f"produced two different nodes writing {node.output[0]}.",
+                                  "Export in fp32 and report this graph.")
+            dropped += 1
+            continue
+        first.update({o: node for o in node.output})
+        keep.append(node)
+    del graph.node[:]
+    graph.node.extend(keep)
+    return dropped
+
+
+def unique_node_names(graph) -> int:
+    """Rename nodes whose name repeats an earlier one (``name`` -> ``name__2``); returns how many."""
+    seen: dict[str, int] = {}
+    renamed = 0
+    for node in graph.node:
+        if not node.name:
+            continue
+        count = seen.get(node.name, 0) + 1
+        seen[node.name] = count
+        if count > 1:
+            node.name = f"{node.name}__{count}"
+            renamed += 1
+    return renamed
