@@ -55,7 +55,8 @@ def validate_feed(spec: UnitSpec, feed: Mapping[str, torch.Tensor], bound: Mappi
     symbols = dict(bound)
     for t in spec.inputs:
         value = feed[t.name]
-        expected = f"Expected {t.describe()}" + (f" with {_bindings(symbols)}." if symbols else ".")
+        known = {d: symbols[d] for d in t.shape if isinstance(d, str) and d in symbols}
+        expected = f"Expected {t.describe()}" + (f" with {_bindings(known)}." if known else ".")
         if not isinstance(value, torch.Tensor):
             raise InputError(f"Input tensor: {t.name}", f"Received {type(value).__name__}, not a tensor.", expected)
         if value.dtype != _DTYPES[t.dtype]:
