@@ -11,6 +11,7 @@ Folder layout::
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import sys
@@ -23,7 +24,7 @@ import torch
 from vidllm_edge import atomic
 from vidllm_edge import manifest as M
 from vidllm_edge.errors import InputError
-from vidllm_edge.export.specs import SPECS, VISION_UNIT_NAMES
+from vidllm_edge.export.specs import OPSET, OPSET_23_REASON, OPSET_CHOICES, OPSET_REASON, SPECS, VISION_UNIT_NAMES
 from vidllm_edge.export.validate import check, real_feeds, rows_to_dicts, table, validate_unit
 
 LLM_UNITS = ("llm_prefill", "llm_decode")
@@ -75,7 +76,7 @@ def default_image_hw(cfg) -> tuple[int, int]:
 def export_model(model, out_dir: str | Path, precision: str = "fp32", frames: FrameProfile | None = None,
                  units: tuple[str, ...] = ALL_UNITS, image_hw: tuple[int, int] | None = None,
                  allow_unsupported: bool = False, validate: bool = True, source: dict[str, Any] | None = None,
-                 log: TextIO | None = None) -> dict[str, Any]:
+                 log: TextIO | None = None, opset: int = OPSET) -> dict[str, Any]:
     """Export ``units`` of ``model`` into ``out_dir``; returns the manifest (also written as manifest.json).
 
     Each vision unit is validated right after export on ONNX Runtime CPU against the reference, on real
@@ -92,6 +93,9 @@ def export_model(model, out_dir: str | Path, precision: str = "fp32", frames: Fr
                          f"Choose from {', '.join(ALL_UNITS)}.")
     if precision not in ("fp32", "fp16"):
         raise InputError(f"Argument: --precision {precision}", "is not an ONNX export precision.", "Use fp32 or fp16.")
+    if opset not in OPSET_CHOICES:
+        raise InputError(f"Argument: --opset {opset}", f"is not one of {OPSET_CHOICES}.",
+                         "Use 18 (TensorRT-portable, the default) or 23 (fused attention on ONNX Runtime CUDA).")
     frames = frames or FrameProfile(1, min(8, model.cfg.num_frames), model.cfg.num_frames)
     image_hw = image_hw or default_image_hw(model.cfg)
     out_dir = atomic.ensure_dir(out_dir, "Export folder")
@@ -100,7 +104,8 @@ def export_model(model, out_dir: str | Path, precision: str = "fp32", frames: Fr
     wanted_vision = [u for u in units if u in SPECS]
     feeds = ({s: real_feeds(model, image_hw, s) for s in frames.sizes()} if validate and wanted_vision else {})
     for i, name in enumerate(wanted_vision, 1):
-        spec = SPECS[name]
+        spec = dataclasses.replace(SPECS[name], opset=opset,
+                                   opset_reason=OPSET_23_REASON if opset == 23 else SPECS[name].opset_reason)
         print(f"[{i}/{len(units)}] {name}: exporting ({precision}, {image_hw[0]}x{image_hw[1]}) ...", file=log, flush=True)
         path = onnx_dir / f"{name}.onnx"
         files = export_unit(spec, model, image_hw, path, precision, example_size=max(2, frames.opt))
@@ -122,7 +127,7 @@ def export_model(model, out_dir: str | Path, precision: str = "fp32", frames: Fr
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__, "precision": precision, "image_hw": list(image_hw),
         "frames": {"min": frames.min, "opt": frames.opt, "max": frames.max},
-        "opset": SPECS["perception"].opset, "opset_reason": SPECS["perception"].opset_reason,
+        "opset": opset, "opset_reason": OPSET_23_REASON if opset == 23 else OPSET_REASON,
         "source": source or {}, "config": model.portable_config().to_dict(), "units": entries,
     }
     previous = out_dir / M.MANIFEST

@@ -15,6 +15,10 @@ from vidllm_edge import units as U
 from vidllm_edge.export import wrappers as W
 
 OPSET = 18
+OPSET_CHOICES = (18, 23)
+OPSET_23_REASON = ("23: attention becomes one ONNX Attention op, which ONNX Runtime's CUDA provider runs fused "
+                   "(opset 18 materialises [heads, S*P, S*P] scores: 62 GB for geometry at S=32, 518x518) and "
+                   "TensorRT parses from 10.14 on; older TensorRT (JetPack 6: 10.3) needs opset 18.")
 OPSET_REASON = ("18: LayerNormalization stays one op (>= 17, avoids the decomposed-LayerNorm FP16 overflow), "
                 "Resize/ReduceMean in their current form; below 23 so the exporter does not emit the ONNX "
                 "Attention op, whose TensorRT 10 parser support is not established (FINDINGS.md).")
@@ -34,7 +38,6 @@ class ExportSpec:
     wrapper: Callable  # (model, image_hw) -> nn.Module returning outputs in unit order
     dynamic: dict[str, str]  # symbol -> what it counts ("S": "frames")
     tolerances: dict[str, Tolerance] = field(default_factory=dict)
-    gated_outputs: tuple[str, ...] | None = None  # None: every output
     opset: int = OPSET
     opset_reason: str = OPSET_REASON
 

@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
     export.add_argument("--frames", default=None, help="MIN:OPT:MAX frame counts (default 1:8:<preset frames>)")
     export.add_argument("--image-hw", default=None, help="HxW of the preprocessed frames (default: a 4:3 video's)")
+    export.add_argument("--opset", type=int, default=18, choices=[18, 23],
+                        help="18: TensorRT-portable (default); 23: ONNX Attention op, fused on ONNX Runtime CUDA")
     export.add_argument("--units", default=None, help="comma-separated subset of units (default: all)")
     export.add_argument("--allow-unsupported", action="store_true",
                         help="keep graphs with operators TensorRT 10 cannot parse")
@@ -184,7 +186,7 @@ def cmd_export(args) -> int:
     start = time.perf_counter()
     manifest = export_model(model, args.out, precision=args.precision, frames=frames, units=units, image_hw=image_hw,
                             allow_unsupported=args.allow_unsupported, validate=not args.no_validate,
-                            source={"model": name})
+                            source={"model": name}, opset=args.opset)
     print(f"exported {len(manifest['units'])} unit(s) to {args.out} in {time.perf_counter() - start:.1f} s "
           f"(manifest: {args.out / 'manifest.json'})")
     return EXIT_OK

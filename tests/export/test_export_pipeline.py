@@ -155,3 +155,14 @@ def test_export_and_run_bad_arguments_exit_2(argv, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and message.format(tmp=tmp_path) in err and "Note:" in err
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_opset_23_uses_the_attention_op_and_validates(exported, tmp_path):
+    import onnx
+
+    model = exported[0]
+    manifest = export_model(model, tmp_path, frames=FrameProfile(1, 2, 3), image_hw=(70, 84), units=("geometry",),
+                            opset=23)
+    assert manifest["opset"] == 23 and all(r["ok"] for r in manifest["units"]["geometry"]["validation"])
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "onnx" / "geometry.onnx")).graph.node}
+    assert "Attention" in ops and "Softmax" not in ops
