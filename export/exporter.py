@@ -188,11 +188,9 @@ def _entry(out_dir: Path, unit, files: list[Path], dynamic: dict[str, str], prof
 def _write_side_files(model, out_dir: Path) -> None:
     """config.json and the tokenizer, so the runtime needs nothing but this folder."""
     atomic.write_text(out_dir / "config.json", json.dumps(model.portable_config().to_dict(), indent=2))
-    staging = out_dir / ".tokenizer.tmp"
-    model.tokenizer.save_pretrained(str(staging))
-    for f in staging.iterdir():
-        f.replace(out_dir / f.name)
-    staging.rmdir()
+    from vidllm_edge.models.tokenizer import save_tokenizer
+
+    save_tokenizer(model.tokenizer, out_dir)
 
 
 def _indent(text: str) -> str:

@@ -26,7 +26,7 @@ from vidllm_edge.models.geometry import GeometryTransformer
 from vidllm_edge.models.lift import PositionMLP
 from vidllm_edge.models.llm import BoxHead, Projector, build_llm, materialize_rotary
 from vidllm_edge.models.metric_depth import MetricDepth
-from vidllm_edge.models.tokenizer import load_tokenizer, tiny_tokenizer
+from vidllm_edge.models.tokenizer import load_tokenizer, save_tokenizer, tiny_tokenizer
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -66,11 +66,7 @@ class VidLLM(nn.Module):
         with atomic.atomic_path(folder / WEIGHTS_NAME, suffix=".safetensors") as tmp:
             save_file(state, str(tmp), metadata={"format": "vidllm-edge", "version": str(FORMAT_VERSION),
                                                    "aliases": json.dumps(aliases)})
-        tok_tmp = folder / ".tokenizer.tmp"
-        self.tokenizer.save_pretrained(str(tok_tmp))
-        for f in tok_tmp.iterdir():
-            f.replace(folder / f.name)
-        tok_tmp.rmdir()
+        save_tokenizer(self.tokenizer, folder)
         atomic.write_text(folder / CONFIG_NAME, json.dumps(self.portable_config().to_dict(), indent=2))
         return folder
 

@@ -100,3 +100,13 @@ def ensure_special_tokens(tok, image_token: str = "<image>", loc_token: str = "<
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    """Write the tokenizer files into ``folder``: saved into a hidden staging folder first, then moved in."""
+    folder = Path(folder)
+    staging = folder / ".tokenizer.tmp"
+    tokenizer.save_pretrained(str(staging))
+    for f in staging.iterdir():
+        f.replace(folder / f.name)
+    staging.rmdir()
