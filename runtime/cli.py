@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--frames", type=int, default=None, help="frames to sample (default: the preset's)")
     run.add_argument("--backend", default="torch", choices=list(BACKENDS),
                      help="torch (needs --preset/--checkpoint) or onnxruntime (needs --engines)")
-    run.add_argument("--engines", type=Path, default=None, help="an export folder (vidllm-edge export --out)")
+    run.add_argument("--engines", type=Path, default=None,
+                     help="onnxruntime: an export folder (vidllm-edge export); tensorrt: an engines folder (build)")
     run.add_argument("--providers", default=None,
                      help="ONNX Runtime providers, comma-separated (default CPUExecutionProvider)")
     _add_generation_args(run)
@@ -69,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("vidllm-edge-demo"), help="output folder")
     demo.add_argument("--frames", type=int, default=None)
 
+    from vidllm_edge.engines.cli import add_build_parser
+
+    add_build_parser(sub)
+
     doctor = sub.add_parser("doctor", help="what is installed and which backends work")
     doctor.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
@@ -82,7 +87,7 @@ def _load_model(args):
     return build_model(args.preset, seed=args.seed), f"preset:{args.preset} (random weights, seed {args.seed})"
 
 
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 
 def run_video(video: Path, questions: Sequence[str], pipeline, model_name: str, out: Path,
@@ -129,8 +134,16 @@ def cmd_run(args) -> int:
             raise InputError(f"Arguments: --backend {args.backend}", "needs --engines DIR (and no --preset/--checkpoint).",
                              "Export first: vidllm-edge export --preset tiny --out DIR; then --engines DIR.")
         providers = args.providers.split(",") if args.providers else None
-        pipeline = Pipeline.from_export(args.engines, providers=providers, num_frames=args.frames, generation=gen)
-        name = f"export:{args.engines}"
+        if args.backend == "onnxruntime":
+            pipeline = Pipeline.from_export(args.engines, providers=providers, num_frames=args.frames, generation=gen)
+        else:
+            from vidllm_edge.runtime.trt_backend import load_engines
+
+            bundle = load_engines(args.engines, providers=providers)
+            pipeline = Pipeline(None, backend="tensorrt", num_frames=args.frames, generation=gen, cfg=bundle.cfg,
+                                units_for=bundle.units_for, decoder_factory=bundle.decoder_factory,
+                                image_hw=bundle.image_hw)
+        name = f"{args.backend}:{args.engines}"
     if not args.question:
         print("note: no --question given; writing geometry only.", file=sys.stderr)
     written = run_video(args.video, args.question, pipeline, name, args.out)
@@ -205,7 +218,13 @@ def cmd_doctor(args) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "demo": cmd_demo, "export": cmd_export, "doctor": cmd_doctor}
+def cmd_build(args) -> int:
+    from vidllm_edge.engines.cli import cmd_build as build
+
+    return build(args)
+
+
+COMMANDS = {"run": cmd_run, "demo": cmd_demo, "export": cmd_export, "build": cmd_build, "doctor": cmd_doctor}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -148,6 +148,8 @@ def test_frame_size_other_than_the_export_is_refused(exported, tmp_path, capsys)
      "Export folder: {tmp}/none | does not exist"),
     (["run", "--video", "x.mp4", "--backend", "onnxruntime", "--preset", "tiny", "--out", "{tmp}/o"],
      "Arguments: --backend onnxruntime | needs --engines DIR"),
+    (["run", "--video", "x.mp4", "--backend", "tensorrt", "--engines", "{tmp}", "--out", "{tmp}/o"],
+     "Engines folder: {tmp} | has no engines.json"),
 ])
 def test_export_and_run_bad_arguments_exit_2(argv, message, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
