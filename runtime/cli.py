@@ -70,8 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("vidllm-edge-demo"), help="output folder")
     demo.add_argument("--frames", type=int, default=None)
 
+    from vidllm_edge.calibration.cli import add_calibrate_parser, add_quantize_parser
     from vidllm_edge.engines.cli import add_build_parser
 
+    add_calibrate_parser(sub)
+    add_quantize_parser(sub)
     add_build_parser(sub)
 
     doctor = sub.add_parser("doctor", help="what is installed and which backends work")
@@ -182,6 +185,7 @@ def _print_written(written: dict[str, Path]) -> None:
 
 
 def cmd_export(args) -> int:
+    from vidllm_edge.calibration.record import state_fingerprint
     from vidllm_edge.export.exporter import ALL_UNITS, FrameProfile, export_model, parse_hw
 
     frames = FrameProfile.parse(args.frames) if args.frames else None
@@ -199,7 +203,7 @@ def cmd_export(args) -> int:
     start = time.perf_counter()
     manifest = export_model(model, args.out, precision=args.precision, frames=frames, units=units, image_hw=image_hw,
                             allow_unsupported=args.allow_unsupported, validate=not args.no_validate,
-                            source={"model": name}, opset=args.opset)
+                            source={"model": name, "state_sha256": state_fingerprint(model)}, opset=args.opset)
     print(f"exported {len(manifest['units'])} unit(s) to {args.out} in {time.perf_counter() - start:.1f} s "
           f"(manifest: {args.out / 'manifest.json'})")
     return EXIT_OK
@@ -224,7 +228,20 @@ def cmd_build(args) -> int:
     return build(args)
 
 
-COMMANDS = {"run": cmd_run, "demo": cmd_demo, "export": cmd_export, "build": cmd_build, "doctor": cmd_doctor}
+def cmd_calibrate(args) -> int:
+    from vidllm_edge.calibration.cli import cmd_calibrate as calibrate
+
+    return calibrate(args)
+
+
+def cmd_quantize(args) -> int:
+    from vidllm_edge.calibration.cli import cmd_quantize as quantize
+
+    return quantize(args)
+
+
+COMMANDS = {"run": cmd_run, "demo": cmd_demo, "export": cmd_export, "calibrate": cmd_calibrate,
+            "quantize": cmd_quantize, "build": cmd_build, "doctor": cmd_doctor}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
