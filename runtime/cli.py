@@ -1,7 +1,7 @@
 """`vidllm-edge` command line: a thin layer over typed functions (defaults live in those functions).
 
 Exit codes: 0 success; 2 bad input (a clear ``subject | problem`` message and a Note on stderr);
-130 interrupted.
+3 stream lost (``run --source``: a camera or stream gave no frame after its reconnects); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="video -> metric geometry, point cloud and answers")
-    run.add_argument("--video", required=True, type=Path, help="a video file or a folder of frames")
+    run.add_argument("--video", type=Path, default=None,
+                     help="a video file or a folder of frames, encoded once (or --source for the live loop)")
     run.add_argument("--question", action="append", default=[], help="repeat for several questions")
     _add_model_args(run, required=False)
     run.add_argument("--out", required=True, type=Path, help="output folder")
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--providers", default=None,
                      help="ONNX Runtime providers, comma-separated (default CPUExecutionProvider)")
     _add_generation_args(run)
+    from vidllm_edge.runtime.loop_cli import add_loop_args
+
+    add_loop_args(run)
 
     export = sub.add_parser("export", help="export every unit to ONNX, validated against the reference and linted")
     _add_model_args(export)
@@ -124,6 +128,9 @@ def cmd_run(args) -> int:
     from vidllm_edge.models.llm import GenerationConfig
     from vidllm_edge.runtime.pipeline import Pipeline
 
+    if (args.video is None) == (args.source is None):
+        raise InputError("Arguments: --video / --source", "give exactly one of them.",
+                         "--video FILE|FOLDER encodes once; --source FILE|FOLDER|CAMERA|URL runs the live loop.")
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                            seed=args.seed)
     if args.backend == "torch":
@@ -147,6 +154,10 @@ def cmd_run(args) -> int:
                                 units_for=bundle.units_for, decoder_factory=bundle.decoder_factory,
                                 image_hw=bundle.image_hw)
         name = f"{args.backend}:{args.engines}"
+    if args.source is not None:
+        from vidllm_edge.runtime.loop_cli import cmd_run_loop
+
+        return cmd_run_loop(args, pipeline, model_name=name)
     if not args.question:
         print("note: no --question given; writing geometry only.", file=sys.stderr)
     written = run_video(args.video, args.question, pipeline, name, args.out)
