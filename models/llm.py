@@ -293,9 +293,8 @@ class Decoder:
         self._has_prefix = True
         return (time.perf_counter() - start) * 1e3
 
-    @torch.inference_mode()
-    def stream(self, question: str, gen: GenerationConfig) -> Iterator[tuple[str, Answer | None]]:
-        """Yield (new text, None) while decoding, then ("", Answer) once at the end."""
+    def _question_ids(self, question: str) -> tuple[list[int], int]:
+        """Token ids of the question chunk and the answer budget left in the context (InputError if none)."""
         if not self._has_prefix:
             raise InputError("Scene", "has no prefix yet.", "Call Pipeline.encode(video) before asking questions.")
         ids = self.tokenizer(self.parts.question_template.format(question=question), add_special_tokens=False)["input_ids"]
@@ -303,6 +302,12 @@ class Decoder:
         if budget <= 0:
             raise InputError("Question", f"needs {len(ids)} tokens; only {self.max_context - self.prefix_len} "
                              "are left after the scene prefix.", "Ask a shorter question.")
+        return ids, budget
+
+    @torch.inference_mode()
+    def stream(self, question: str, gen: GenerationConfig) -> Iterator[tuple[str, Answer | None]]:
+        """Yield (new text, None) while decoding, then ("", Answer) once at the end."""
+        ids, budget = self._question_ids(question)
         generator = torch.Generator().manual_seed(gen.seed) if gen.temperature > 0 else None
         t0 = time.perf_counter()
         try:

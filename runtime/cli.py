@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_calibrate_parser(sub)
     add_quantize_parser(sub)
     add_build_parser(sub)
+    from vidllm_edge.models.quant_cli import add_quantize_llm_parser
+
+    add_quantize_llm_parser(sub)
 
     doctor = sub.add_parser("doctor", help="what is installed and which backends work")
     doctor.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -239,6 +242,12 @@ def cmd_build(args) -> int:
     return build(args)
 
 
+def cmd_quantize_llm(args) -> int:
+    from vidllm_edge.models.quant_cli import cmd_quantize_llm as quantize_llm
+
+    return quantize_llm(args)
+
+
 def cmd_calibrate(args) -> int:
     from vidllm_edge.calibration.cli import cmd_calibrate as calibrate
 
@@ -252,7 +261,7 @@ def cmd_quantize(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "demo": cmd_demo, "export": cmd_export, "calibrate": cmd_calibrate,
-            "quantize": cmd_quantize, "build": cmd_build, "doctor": cmd_doctor}
+            "quantize": cmd_quantize, "quantize-llm": cmd_quantize_llm, "build": cmd_build, "doctor": cmd_doctor}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
