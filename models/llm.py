@@ -330,14 +330,18 @@ class Decoder:
                     text = full
                 if any(s in text for s in gen.stop_strings):
                     break
-            total = (time.perf_counter() - t0) * 1e3
-            decode_ms = total - ttft
-            timings = {"ttft_ms": ttft, "decode_ms": decode_ms, "new_tokens": float(len(out_ids)),
-                       "decode_tokens_per_s": (len(out_ids) - 1) / (decode_ms / 1e3) if len(out_ids) > 1 else 0.0}
-            text = self.tokenizer.decode(out_ids, skip_special_tokens=False)
-            yield "", Answer(question=question, text=text, token_ids=out_ids, boxes=boxes, timings=timings)
+            yield "", self._answer(question, out_ids, boxes, t0, ttft)
         finally:
             self._crop(self.prefix_len)  # back to the scene prefix for the next question
+
+    def _answer(self, question: str, out_ids: list[int], boxes: list[list[float]], t0: float,
+                ttft: float) -> Answer:
+        """The final `Answer` with its timings (ms; ``t0`` is the perf_counter at the question's start)."""
+        decode_ms = (time.perf_counter() - t0) * 1e3 - ttft
+        timings = {"ttft_ms": ttft, "decode_ms": decode_ms, "new_tokens": float(len(out_ids)),
+                   "decode_tokens_per_s": (len(out_ids) - 1) / (decode_ms / 1e3) if len(out_ids) > 1 else 0.0}
+        text = self.tokenizer.decode(out_ids, skip_special_tokens=False)
+        return Answer(question=question, text=text, token_ids=out_ids, boxes=boxes, timings=timings)
 
 
 class ReferenceDecoder(Decoder):

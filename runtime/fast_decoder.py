@@ -262,11 +262,6 @@ class FastDecoder(Decoder):
             finally:
                 tokens.close()
             boxes = [self._box(self.loop.hidden_state(i)) for i, t in enumerate(out_ids) if t == self.loc_id]
-            total = (time.perf_counter() - t0) * 1e3
-            decode_ms = total - ttft
-            timings = {"ttft_ms": ttft, "decode_ms": decode_ms, "new_tokens": float(len(out_ids)),
-                       "decode_tokens_per_s": (len(out_ids) - 1) / (decode_ms / 1e3) if len(out_ids) > 1 else 0.0}
-            text = self.tokenizer.decode(out_ids, skip_special_tokens=False)
-            yield "", Answer(question=question, text=text, token_ids=out_ids, boxes=boxes, timings=timings)
+            yield "", self._answer(question, out_ids, boxes, t0, ttft)
         finally:
             self._crop(self.prefix_len)  # back to the scene prefix for the next question
