@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,25 @@ def shared() -> Path:
     if not path.is_dir():
         pytest.skip(f"the shared folder {path} is absent (set VIDLLM_SHARED)")
     return path
+
+
+@pytest.fixture(autouse=True)
+def deadline(request):
+    """A test module that sets ``TEST_DEADLINE_S`` gets each test ended with TimeoutError past that many seconds
+    (live-stream tests must never hang CI)."""
+    seconds = getattr(request.module, "TEST_DEADLINE_S", None)
+    if seconds is None:
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise TimeoutError(f"test ran over its {seconds} s deadline")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    yield
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, previous)
 
 
 def pytest_collection_modifyitems(config, items):

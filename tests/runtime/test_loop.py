@@ -24,18 +24,6 @@ TEST_DEADLINE_S = 60
 MEMORY_GROWTH_BOUND_MB = 30.0
 
 
-@pytest.fixture(autouse=True)
-def deadline():
-    def on_alarm(signum, frame):
-        raise TimeoutError(f"test ran over its {TEST_DEADLINE_S} s deadline")
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, TEST_DEADLINE_S)
-    yield
-    signal.setitimer(signal.ITIMER_REAL, 0)
-    signal.signal(signal.SIGALRM, previous)
-
-
 @pytest.fixture(scope="module")
 def pipeline():
     from vidllm_edge.models.llm import GenerationConfig

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import socket
 import subprocess
 import threading
@@ -36,18 +35,6 @@ pytestmark = [
                        reason="needs a real RTSP server: Debian's rtsp-server-perl (apt-get install rtsp-server-perl); "
                               "ffmpeg cannot serve RTSP itself"),
 ]
-
-
-@pytest.fixture(autouse=True)
-def deadline():
-    def on_alarm(signum, frame):
-        raise TimeoutError(f"test ran over its {TEST_DEADLINE_S} s deadline")
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, TEST_DEADLINE_S)
-    yield
-    signal.setitimer(signal.ITIMER_REAL, 0)
-    signal.signal(signal.SIGALRM, previous)
 
 
 def _free_port() -> int:

@@ -5,7 +5,6 @@ Every test runs under a SIGALRM deadline, so a regression that hangs fails inste
 
 from __future__ import annotations
 
-import signal
 import socket
 import threading
 import time
@@ -19,18 +18,6 @@ from vidllm_edge.runtime.sources import (CameraSource, FileSource, FolderSource,
                                          redact_url)
 
 TEST_DEADLINE_S = 20
-
-
-@pytest.fixture(autouse=True)
-def deadline():
-    def on_alarm(signum, frame):
-        raise TimeoutError(f"test ran over its {TEST_DEADLINE_S} s deadline")
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, TEST_DEADLINE_S)
-    yield
-    signal.setitimer(signal.ITIMER_REAL, 0)
-    signal.signal(signal.SIGALRM, previous)
 
 
 def _numbered(n, h=48, w=64):
