@@ -324,15 +324,21 @@ class Decoder:
                 logits, hidden = self._forward(self._embed([token]))
                 if token == self.loc_id:  # the hidden state of <loc> itself carries the box
                     boxes.append(self._box(hidden))
-                full = self.tokenizer.decode(out_ids, skip_special_tokens=False)
-                if not full.endswith("\ufffd"):  # hold back incomplete UTF-8 sequences
-                    yield full[len(text):], None
-                    text = full
+                piece, text = self._new_text(out_ids, text)
+                if piece is not None:
+                    yield piece, None
                 if any(s in text for s in gen.stop_strings):
                     break
             yield "", self._answer(question, out_ids, boxes, t0, ttft)
         finally:
             self._crop(self.prefix_len)  # back to the scene prefix for the next question
+
+    def _new_text(self, out_ids: list[int], text: str) -> tuple[str | None, str]:
+        """(text added since ``text``, the new full text); (None, text) while a UTF-8 sequence is incomplete."""
+        full = self.tokenizer.decode(out_ids, skip_special_tokens=False)
+        if full.endswith("\ufffd"):
+            return None, text
+        return full[len(text):], full
 
     def _answer(self, question: str, out_ids: list[int], boxes: list[list[float]], t0: float,
                 ttft: float) -> Answer:

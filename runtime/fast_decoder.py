@@ -253,10 +253,9 @@ class FastDecoder(Decoder):
                     if token in self.eos_ids:
                         break
                     out_ids.append(token)
-                    full = self.tokenizer.decode(out_ids, skip_special_tokens=False)
-                    if not full.endswith("\ufffd"):  # hold back incomplete UTF-8 sequences
-                        yield full[len(text):], None
-                        text = full
+                    piece, text = self._new_text(out_ids, text)
+                    if piece is not None:
+                        yield piece, None
                     if any(s in text for s in gen.stop_strings):
                         break
             finally:
