@@ -13,9 +13,18 @@ the K/V of the average context). Agreement: bf16 fast vs transformers (greedy to
 teacher-forced top-1 / logit cosine on transformers' own sequence); INT8/INT4 vs bf16 fast likewise.
 
 Configurations: ``hf`` (transformers generate, greedy, its default DynamicCache, SDPA attention, eager),
-``bf16-eager`` (fast decoder without compile), ``bf16`` / ``int8`` / ``int4`` / ``int4-awq`` (compiled step,
-CUDA graphs; INT4 through PyTorch's tinygemm kernel), ``int4-gemv`` (INT4 through our dequant-GEMV that
-Inductor fuses). Compile time is reported as ``warmup_s`` and excluded from tokens/s.
+``bf16`` / ``int8`` (compiled step, CUDA graphs, the Triton GEMVs of models/gemv.py), ``int4`` / ``int4-awq``
+(INT4 linears through PyTorch's tinygemm kernel, the INT8 lm_head through the Triton GEMV),
+``int4-triton`` (INT4 through the Triton GEMV too), ``bf16-inductor`` (Inductor's own GEMV reductions
+instead of the Triton kernels), ``bf16-eager`` (no compile), and ``fp32``: transformers and the fast
+decoder (eager) both in float32 on the same weights, greedy for 64 tokens, where rounding noise (1e-7) is
+far below the logit margins, so token equality tests the implementation itself. Compile time is reported
+as ``warmup_s`` and excluded from tokens/s.
+
+Scene prefix reuse (``bf16``): through `FastDecoder`, the prompt is the scene prefix (system prompt and
+the visual tokens, here random embeddings) prefilled once, then two questions; the first question's time
+to first token including the prefix (what a question costs when the scene is new) against the second's
+(the prefix reused).
 
 Not measured: tokenizer and text streaming cost (ids are streamed, not decoded to text), sampling (greedy
 only), batch > 1, TensorRT. Random weights have near-flat logits, so free-running greedy tokens of two
@@ -48,10 +57,10 @@ MODELS = {  # name: (preset that holds the HF config, or the dict; prompt tokens
     "1.5b": ("edge", 1500, 128),  # Qwen2-1.5B shape
     "7b": ("paper", 1500, 128),  # LLaMA-7B shape (the paper preset)
 }
-DEFAULT_CONFIGS = {"tiny": "hf,bf16,int8,int4,int4-awq,bf16-eager",
-                   "1.5b": "hf,bf16,int8,int4,int4-awq,int4-gemv,bf16-eager",
-                   "7b": "hf,bf16,int8,int4,bf16-eager"}
-CORE = ("hf", "bf16", "int8", "int4")  # run for every model before any extra configuration
+DEFAULT_CONFIGS = {"tiny": "hf,bf16,int8,int4,fp32,int4-awq,bf16-eager",
+                   "1.5b": "hf,bf16,int8,int4,fp32,int4-triton,bf16-inductor,int4-awq",
+                   "7b": "hf,bf16,int8,int4,fp32,int4-triton"}
+CORE = ("hf", "bf16", "int8", "int4", "fp32")  # run for every model before any extra configuration
 AGREE_TOKENS = 64
 REPS = 3
 
@@ -176,7 +185,7 @@ class ModelRun:
 
         fast = FastLLM.from_hf(self.hf, max_seq=self.max_seq)
         info = {}
-        if config in ("int8", "int4", "int4-awq", "int4-gemv"):
+        if config in ("int8", "int4", "int4-awq", "int4-triton"):
             bits, method = (8 if config == "int8" else 4), ("awq" if config == "int4-awq" else "rtn")
             calibration = None
             if method == "awq":
@@ -185,9 +194,75 @@ class ModelRun:
             t0 = time.perf_counter()
             report = quant.quantize_fast_llm(fast, bits, method, calibration=calibration)
             info["quantize_s"] = time.perf_counter() - t0
-            info["kernels"] = quant.set_int4_kernel(fast, "torch" if config == "int4-gemv" else "auto")
+            info["kernels"] = quant.set_int4_kernel(fast, "torch" if config == "int4-triton" else "auto")
             log(f"    quantized ({report['recipe']}) in {info['quantize_s']:.1f} s, INT4 kernels {info['kernels']}")
+        gemv = "torch" if config in ("bf16-inductor", "bf16-eager") or self.device.type != "cuda" else "triton"
+        info["gemv"] = fast.set_gemv(gemv)
         return fast, info
+
+    def run_fp32(self, log) -> dict:
+        """transformers vs the fast decoder, both float32 and eager, greedy on the same weights."""
+        import copy
+
+        from vidllm_edge.models.fast_llm import FastLLM
+        from vidllm_edge.models.llm import GenerationConfig
+        from vidllm_edge.runtime.fast_decoder import DecodeLoop
+
+        hf32 = copy.deepcopy(self.hf).float()
+        n = self.n_agree
+        with torch.inference_mode():
+            out = hf32.generate(self.prompt[None], max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                pad_token_id=0, eos_token_id=None)
+            hf_tokens = out[0, self.prompt_len:].tolist()
+            hf_logits = hf32(input_ids=torch.cat([self.prompt, out[0, self.prompt_len:]])[None],
+                             logits_to_keep=n + 1).logits[0].float()
+            fast = FastLLM.from_hf(hf32, max_seq=self.max_seq)
+            del hf32, out
+            fast.set_gemv("torch")
+            logits, _ = fast.prefill(fast.embed(self.prompt), 0)
+            tokens = list(DecodeLoop(fast, compile=False).run(logits, self.prompt_len, n,
+                                                              GenerationConfig(max_new_tokens=n)))
+            from vidllm_edge.models.fast_llm import teacher_forced_logits
+
+            seq = torch.cat([self.prompt, torch.tensor(hf_tokens, device=self.device)])
+            tf = teacher_forced_logits(fast, seq, self.prompt_len)
+        agree = agreement(tokens, hf_tokens, tf, hf_logits)
+        top2 = hf_logits.topk(2, dim=-1).values
+        agree["min_top2_margin"] = float((top2[:, 0] - top2[:, 1]).min())
+        agree["max_abs_logit_diff"] = float((tf - hf_logits).abs().max())
+        log(f"    fp32 greedy {agree['greedy_equal']}/{agree['greedy_of']}, max |logit diff| "
+            f"{agree['max_abs_logit_diff']:.2e}, smallest top-2 margin {agree['min_top2_margin']:.2e}")
+        del fast
+        return {"agreement_vs_hf_fp32": agree, "weight_bytes": 0, "ttft_ms": float("nan"), "decode_tok_s": float("nan")}
+
+    def scene_ttft(self, fast, loop, log) -> dict:
+        """First question on a new scene (prefix + question) vs a second question (prefix reused), via FastDecoder."""
+        from vidllm_edge.models.config import from_name
+        from vidllm_edge.models.llm import GenerationConfig
+        from vidllm_edge.models.tokenizer import tiny_tokenizer
+        from vidllm_edge.runtime.fast_decoder import FastDecoder
+
+        cfg = from_name("tiny").llm
+        dec = FastDecoder(fast, tiny_tokenizer(), torch.nn.Linear(fast.cfg.dim, 6).to(fast.device), cfg)
+        dec.loop = loop  # the step compiled for this model already
+        g = torch.Generator().manual_seed(3)
+        n_visual = min(self.prompt_len, self.max_seq - 48) - len(dec.parts.prefix_ids)  # prefix ~ the prompt length
+        visual = (torch.randn(n_visual, fast.cfg.dim, generator=g) * 0.02).to(fast.device, fast.dtype)
+        gen = GenerationConfig(max_new_tokens=8)
+        runs = []
+        for _ in range(REPS):
+            sync(self.device)
+            prefix_ms = dec.prefill_prefix(visual)
+            answers = [a for _, a in dec.stream("what is on the table?", gen) if a is not None]
+            second = [a for _, a in dec.stream("how far is the door?", gen) if a is not None]
+            runs.append((prefix_ms, answers[0].timings["ttft_ms"], second[0].timings["ttft_ms"]))
+        prefix_ms, q1, q2 = (statistics.median(v) for v in zip(*runs))
+        res = {"prefix_tokens": dec.prefix_len, "prefix_ms": prefix_ms, "first_question_ttft_ms": prefix_ms + q1,
+               "second_question_ttft_ms": q2, "speedup": (prefix_ms + q1) / q2,
+               "prefills": dec.prefill_log[-3:]}
+        log(f"    scene: first question {prefix_ms + q1:.1f} ms to first token (prefix {prefix_ms:.1f}), second "
+            f"{q2:.1f} ms: {res['speedup']:.1f}x")
+        return res
 
     def run_fast(self, config: str, log) -> dict:
         from vidllm_edge.models.fast_llm import teacher_forced_logits
@@ -229,6 +304,8 @@ class ModelRun:
                 sync(self.device)
                 rates.append(self.new_tokens / (time.perf_counter() - t0))
             tf_logits = teacher_forced_logits(fast, self.reference_sequence(), self.prompt_len)
+            if config == "bf16":
+                info["scene"] = self.scene_ttft(fast, loop, log)
         res = {**info, "ttft_ms": statistics.median(ttfts) * 1e3, "decode_tok_s": statistics.median(rates),
                "decode_tok_s_runs": rates, "weight_bytes": fast.weight_bytes_per_token(),
                "kv_bytes_per_position": fast.kv_bytes_per_position(), "static_cache_positions": fast.max_seq}
@@ -249,7 +326,12 @@ class ModelRun:
             torch.cuda.reset_peak_memory_stats(self.device)
         before = torch.cuda.memory_allocated(self.device) / 1e9 if self.device.type == "cuda" else None
         t0 = time.perf_counter()
-        res = self.run_hf() if config == "hf" else self.run_fast(config, log)
+        if config == "hf":
+            res = self.run_hf()
+        elif config == "fp32":
+            res = self.run_fp32(log)
+        else:
+            res = self.run_fast(config, log)
         res["seconds"] = time.perf_counter() - t0
         res["peak_gb"], res["allocated_before_gb"] = peak_gb(self.device), before
         kv_per_pos = res.get("kv_bytes_per_position") or _kv_bytes_per_position(self.cfg, self.dtype)
@@ -304,6 +386,8 @@ def markdown(report: dict) -> str:
                   "greedy equal | TF top-1 | TF cos | warm-up s | status |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for cfg, r in model["configs"].items():
+            if cfg == "fp32" and r.get("status") == "ok":
+                continue  # an agreement check, not a speed row (below the table)
             if r.get("status") != "ok":
                 lines.append(f"| {cfg} | | | | | | | | | | | | {r.get('status')}: {str(r.get('error', ''))[:90]} |")
                 continue
@@ -316,7 +400,19 @@ def markdown(report: dict) -> str:
                 + (f"{agree['greedy_equal']}/{agree['greedy_of']}{ref} | {agree['tf_top1']:.3f} | "
                    f"{agree['tf_cos_mean']:.5f} | " if agree else "| | | ")
                 + f"{r.get('warmup_s', 0):.1f} | ok |")
-        speed = {c: r["decode_tok_s"] for c, r in model["configs"].items() if r.get("status") == "ok"}
+        fp32 = model["configs"].get("fp32", {}).get("agreement_vs_hf_fp32")
+        if fp32:
+            lines += ["", f"fp32 (transformers vs fast, both float32, same weights): greedy tokens equal "
+                          f"{fp32['greedy_equal']}/{fp32['greedy_of']}, teacher-forced top-1 {fp32['tf_top1']:.3f}, "
+                          f"max |logit diff| {fp32['max_abs_logit_diff']:.2e} (smallest top-2 margin of transformers' "
+                          f"logits {fp32['min_top2_margin']:.2e})."]
+        scene = model["configs"].get("bf16", {}).get("scene")
+        if scene:
+            lines += ["", f"Scene prefix reuse (bf16, {scene['prefix_tokens']}-token prefix): first question "
+                          f"{scene['first_question_ttft_ms']:.1f} ms to first token (prefix {scene['prefix_ms']:.1f} ms), "
+                          f"second question {scene['second_question_ttft_ms']:.1f} ms: {scene['speedup']:.1f}x sooner."]
+        speed = {c: r["decode_tok_s"] for c, r in model["configs"].items()
+                 if r.get("status") == "ok" and r["decode_tok_s"] == r["decode_tok_s"]}
         if "bf16" in speed:
             ratios = ", ".join(f"{c} {speed[c] / speed['bf16']:.2f}x" for c in speed if c not in ("bf16",))
             lines += ["", f"Decode speed relative to bf16 (compiled): {ratios}."]

@@ -50,6 +50,7 @@ from torch import nn
 from vidllm_edge import atomic
 from vidllm_edge.errors import CheckpointError, ConfigError, InputError
 from vidllm_edge.models import checkpoint as ckpt
+from vidllm_edge.models import gemv as G
 from vidllm_edge.models.fast_llm import FastConfig, FastLLM, even_indices, source_identity
 
 QUANT_FORMAT = "vidllm-edge-fastllm-quant"
@@ -134,6 +135,7 @@ class Int8Linear(nn.Module):
     """y = x W^T (+ b) with W int8 per output channel, dequantized on the fly."""
 
     bits = 8
+    triton_gemv = False  # FastLLM.set_gemv: one token through the Triton INT8 GEMV
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype = torch.float32,
                  device=None) -> None:
@@ -153,12 +155,18 @@ class Int8Linear(nn.Module):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.triton_gemv and x.numel() == self.in_features:
+            return G.gemv(x, self.weight, mode="int8", scale=self.scales, bias=self.bias).reshape(
+                *x.shape[:-1], self.out_features)
         if x.numel() == self.in_features and torch.compiler.is_compiling():  # one token: fused dequant-GEMV
             y = (self.weight.float() * x.reshape(1, -1).float()).sum(dim=-1) * self.scales
             y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        else:
-            y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        else:  # the per-channel scale applied in float32 (a bf16 scale would add up to 0.4 % per channel)
+            y = (F.linear(x, self.weight.to(x.dtype)).float() * self.scales).to(x.dtype)
         return y + self.bias if self.bias is not None else y
+
+    def gemv_silu(self, h: torch.Tensor) -> torch.Tensor:
+        return G.gemv(h, self.weight, mode="int8", scale=self.scales, bias=self.bias, silu_mul=True)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, int8 per-channel"
@@ -173,6 +181,7 @@ class Int4Linear(nn.Module):
     """
 
     bits = 4
+    triton_gemv = False  # FastLLM.set_gemv: one token through the Triton INT4 GEMV (portable layout only)
 
     def __init__(self, in_features: int, out_features: int, bias: bool, group: int = DEFAULT_GROUP,
                  dtype: torch.dtype = torch.float32, device=None) -> None:
@@ -237,6 +246,9 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
+        if self.triton_gemv and self.kernel == "torch" and x.numel() == self.in_features:
+            return G.gemv(x, self.weight, mode="int4", scale=self.scales, zero=self.zeros, bias=self.bias,
+                          group=self.group).reshape(*lead, self.out_features)
         if self.kernel == "tinygemm":
             y = torch.ops.aten._weight_int4pack_mm(x.reshape(-1, self.in_features).contiguous(), self.packed, self.group,
                                                    self.scales_and_zeros)
@@ -249,6 +261,10 @@ class Int4Linear(nn.Module):
             y = F.linear(x, dequantize_int4(self.weight, self.scales, self.zeros, self.group).to(x.dtype))
         y = y.reshape(*lead, self.out_features)
         return y + self.bias if self.bias is not None else y
+
+    def gemv_silu(self, h: torch.Tensor) -> torch.Tensor:
+        return G.gemv(h, self.weight, mode="int4", scale=self.scales, zero=self.zeros, bias=self.bias,
+                      group=self.group, silu_mul=True)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, int4 g{self.group} asym, kernel={self.kernel}"
@@ -454,7 +470,7 @@ def save_quantized(fast: FastLLM, folder: str | Path) -> Path:
     quant = getattr(fast, "quant", None)
     if not quant:
         raise InputError("LLM", "is not quantized.", "Call quantize_fast_llm first.")
-    packed = [n for n, m in fast.named_modules() if isinstance(m, Int4Linear) and m.kernel != "torch"]
+    packed = [n for n, m in fast.named_modules() if isinstance(m, Int4Linear) and m.kernel != "torch"]  # tinygemm/cpu
     if packed:
         raise InputError("Quantized LLM", f"has {len(packed)} INT4 linears in a device-specific packed layout.",
                          "Save before set_int4_kernel (the file holds the portable layout).")

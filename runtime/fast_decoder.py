@@ -16,9 +16,10 @@ instead would delay text by k tokens for no gain in throughput. The answer is to
 synchronous loop produces. On the CPU the loop runs synchronously (nothing to overlap).
 
 With ``compile=True`` the step (decode + sampling) goes through ``torch.compile(mode="reduce-overhead",
-fullgraph=True)``: on CUDA one CUDA graph per step, with Inductor's coordinate-descent tuning (which turns
-the one-row matmuls into fused GEMV reductions, the INT8/INT4 dequant included). On the CPU it compiles
-without graphs.
+fullgraph=True)``: on CUDA one CUDA graph per step. The matmuls are the Triton GEMVs of `models.gemv`
+(`FastLLM.set_gemv`, chosen by default on CUDA: one kernel per product, INT8/INT4 dequantized inside it),
+or Inductor's own fused reductions with coordinate-descent tuning when the GEMV kernel is "torch". On the
+CPU it compiles without graphs.
 """
 
 from __future__ import annotations
@@ -34,13 +35,19 @@ from vidllm_edge.models.fast_llm import FastLLM
 from vidllm_edge.models.llm import Answer, Decoder, GenerationConfig
 
 DEFAULT_STREAM_LAG = 4
+CHUNK = 64  # questions up to this many tokens are prefilled by one compiled, fixed-shape step
 
 
-def configure_inductor() -> None:
-    """gpt-fast's Inductor settings for decode (process-wide; called before the first CUDA compile)."""
+def configure_inductor(coordinate_descent: bool = True) -> None:
+    """gpt-fast's Inductor settings for decode (process-wide; called before the first CUDA compile).
+
+    ``coordinate_descent``: tune Inductor's one-row matmul reductions (needed when Inductor generates the
+    GEMVs, i.e. the "torch" GEMV kernel choice). With the Triton GEMVs (`models.gemv`) the matmuls are opaque
+    custom ops, the remaining reductions are tiny, and skipping the tuning cuts compile time severalfold.
+    """
     import torch._inductor.config as inductor
 
-    inductor.coordinate_descent_tuning = True  # one-row mm -> fused reduction (needed for the INT8/INT4 GEMV fusion)
+    inductor.coordinate_descent_tuning = coordinate_descent
     inductor.triton.unique_kernel_names = True
     inductor.fx_graph_cache = True
 
@@ -97,7 +104,7 @@ class DecodeLoop:
             if self.compile:
                 cuda = fast.device.type == "cuda"
                 if cuda and self.backend == "inductor":
-                    configure_inductor()
+                    configure_inductor(not any(getattr(m, "triton_gemv", False) for m in fast.modules()))
                 mode = "reduce-overhead" if cuda and self.backend == "inductor" else None
                 step = torch.compile(step, backend=self.backend, mode=mode, fullgraph=True, dynamic=False)
             self._steps[key] = step
@@ -181,20 +188,40 @@ class FastDecoder(Decoder):
     """
 
     def __init__(self, fast: FastLLM, tokenizer, box_head: nn.Module, cfg: LLMConfig, *, compile: bool = False,
-                 stream_lag: int = DEFAULT_STREAM_LAG) -> None:
+                 stream_lag: int = DEFAULT_STREAM_LAG, chunk: int = CHUNK) -> None:
         super().__init__(tokenizer, cfg)
         self.fast, self.box_head = fast, box_head
         self.loop = DecodeLoop(fast, compile=compile, stream_lag=stream_lag)
         self.prefill_log: list[tuple[int, int]] = []
         self._len = 0
+        self.chunk = chunk
+        self._chunk_step = None  # compiled on the first short prefill (CUDA + compile only)
+
+    def _short_prefill(self, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A question-sized prefill through the compiled fixed-shape chunk step (one CUDA graph), or None when
+        it does not apply (CPU, no compile, too long, or too close to the end of the cache)."""
+        fast, t = self.fast, embeds.shape[1]
+        if not (self.loop.compile and fast.device.type == "cuda" and t <= self.chunk
+                and self._len + self.chunk <= fast.max_seq):
+            return None
+        if self._chunk_step is None:
+            self._chunk_step = torch.compile(fast.chunk_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        padded = torch.zeros(1, self.chunk, fast.cfg.dim, dtype=fast.dtype, device=fast.device)
+        padded[:, :t] = embeds
+        pos = torch.arange(self._len, self._len + self.chunk, device=fast.device)
+        last = torch.tensor([t - 1], device=fast.device)
+        torch.compiler.cudagraph_mark_step_begin()
+        logits, hidden = self._chunk_step(padded, pos, last)
+        return logits.clone(), hidden.clone()  # out of the graph's memory before the next replay
 
     @classmethod
     def from_hf(cls, llm: nn.Module, tokenizer, box_head: nn.Module, cfg: LLMConfig, *, dtype: torch.dtype | None = None,
                 device: torch.device | str | None = None, max_seq: int | None = None, quantized=None,
-                kernel: str = "auto", compile: bool = False) -> "FastDecoder":
+                kernel: str = "auto", gemv: str = "auto", compile: bool = False) -> "FastDecoder":
         """Convert ``llm`` (a `transformers` LLaMA/Qwen2), or load ``quantized`` (a file made from it; checked).
 
         dtype/device default to the source model's (a quantized file: the dtype it was made in).
+        kernel: the INT4 matmul kernel (`quant.Int4Linear`); gemv: the one-token matmul (`FastLLM.set_gemv`).
         """
         if quantized is not None:
             from vidllm_edge.models.quant import load_quantized
@@ -203,6 +230,7 @@ class FastDecoder(Decoder):
             fast = load_quantized(quantized, source=llm, device=device, dtype=dtype, max_seq=max_seq, kernel=kernel)
         else:
             fast = FastLLM.from_hf(llm, dtype=dtype, device=device, max_seq=max_seq)
+        fast.set_gemv(gemv)
         return cls(fast, tokenizer, box_head, cfg, compile=compile)
 
     # -- Decoder hooks ------------------------------------------------------------------------------
@@ -220,7 +248,8 @@ class FastDecoder(Decoder):
         return self._len
 
     def _forward(self, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, hidden = self.fast.prefill(embeds, self._len)
+        short = self._short_prefill(embeds)
+        logits, hidden = short if short is not None else self.fast.prefill(embeds, self._len)
         self.prefill_log.append((self._len, int(embeds.shape[1])))
         self._len += embeds.shape[1]
         return logits.float(), hidden.float()

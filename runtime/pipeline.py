@@ -65,6 +65,10 @@ class Scene:
         """Yield text pieces as they are decoded, then the final `Answer`."""
         if not question or not question.strip():
             raise InputError("Question", "is empty.", "Ask a question in words, e.g. --question \"Where is the door?\"")
+        if getattr(self.decoder, "owner", self) is not self:
+            raise InputError("Scene", "no longer holds its LLM prefix: the fast decoder keeps one static KV cache, and "
+                             "a newer scene from the same pipeline has replaced it.",
+                             "Ask questions on the latest scene, or encode this video again.")
         for piece, answer in self.decoder.stream(question, generation or self.generation):
             yield answer if answer is not None else piece
 
@@ -90,7 +94,11 @@ class Pipeline:
 
     def __init__(self, model=None, backend: str = "torch", num_frames: int | None = None,
                  generation: GenerationConfig | None = None, *, cfg=None, units_for=None,
-                 decoder_factory=None, image_hw: tuple[int, int] | None = None) -> None:
+                 decoder_factory=None, image_hw: tuple[int, int] | None = None, decoder: str = "reference") -> None:
+        """``decoder`` (with a model): "reference" (transformers, a fresh KV cache per scene) or "fast"
+        (`FastDecoder`: static KV cache, Triton GEMVs and CUDA graphs on CUDA; one decoder, so one live scene)."""
+        if decoder not in ("reference", "fast"):
+            raise InputError(f"Decoder: {decoder}", "is unknown.", "Use reference or fast.")
         if model is not None:
             if backend != "torch":
                 raise InputError(f"Backend: {backend}", "needs an export folder, not a model.",
@@ -102,6 +110,8 @@ class Pipeline:
             cfg = model.cfg
             units_for = lambda hw: torch_units(model, hw)  # noqa: E731
             decoder_factory = lambda: ReferenceDecoder(model.llm, model.tokenizer, model.box_head, cfg.llm)  # noqa: E731
+            if decoder == "fast":
+                decoder_factory = _shared_fast_decoder(model)
         assert cfg is not None and units_for is not None and decoder_factory is not None, \
             "Pipeline needs a model, or cfg + units_for + decoder_factory"
         self.model = model
@@ -171,7 +181,9 @@ class Pipeline:
         with stage("prefill_prefix"):
             decoder.prefill_prefix(visual)
         timings["scene_total"] = sum(timings.values())
-        return Scene(frames, images, geometry, visual, pooled.centres, decoder, timings, self.generation)
+        scene = Scene(frames, images, geometry, visual, pooled.centres, decoder, timings, self.generation)
+        decoder.owner = scene  # a decoder shared between scenes (the fast one) answers for this one only now
+        return scene
 
     def _metric_geometry(self, geo: dict, d_metric: torch.Tensor, ids: torch.Tensor,
                          image_hw: tuple[int, int]) -> SceneGeometry:
@@ -183,6 +195,22 @@ class Pipeline:
                              extrinsics=scaled["extrinsics"], intrinsics=intrinsics, pose_enc=geo["pose_enc"],
                              scale=float(fit.scale), per_frame_scale=fit.per_frame, metric_depth=d_metric,
                              metric_frame_ids=ids)
+
+
+def _shared_fast_decoder(model):
+    """A factory returning one `FastDecoder` over ``model.llm`` (built on first use: converting the weights and
+    compiling the step are per model, not per scene); compiled with CUDA graphs when the model is on CUDA."""
+    made = []
+
+    def factory():
+        if not made:
+            from vidllm_edge.runtime.fast_decoder import FastDecoder
+
+            cuda = next(model.llm.parameters()).device.type == "cuda"
+            made.append(FastDecoder.from_hf(model.llm, model.tokenizer, model.box_head, model.cfg.llm, compile=cuda))
+        return made[0]
+
+    return factory
 
 
 class _Stopwatch:

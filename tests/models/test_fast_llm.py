@@ -382,3 +382,27 @@ def test_prompts_longer_than_the_context_are_input_errors(tok):
     answer = _answer(fast, "Where?", GenerationConfig(max_new_tokens=500))  # the answer stops at the context
     assert fast.prefix_len + len(answer.token_ids) + len(
         tok(fast.parts.question_template.format(question="Where?"), add_special_tokens=False)["input_ids"]) == 96
+
+
+def test_padded_chunk_step_equals_prefill_and_the_answer_after_it(chaotic, tok):
+    """The fixed-shape question step (`chunk_step`, compiled into one CUDA graph on the GPU) with padding
+    gives the prefill's logits and hidden state, and the decode after it the same tokens: the padding's K/V
+    past the question are masked and overwritten."""
+    kind, llm = chaotic
+    fast = FastLLM.from_hf(llm, max_seq=256)
+    other = FastLLM.from_hf(llm, max_seq=256)
+    g = torch.Generator().manual_seed(4)
+    prefix = torch.randn(1, 11, llm.config.hidden_size, generator=g)
+    question = fast.embed(torch.randint(0, 512, (9,), generator=g))
+    with torch.inference_mode():
+        for model in (fast, other):
+            model.prefill(prefix, 0)
+        want_logits, want_hidden = fast.prefill(question, 11)
+        padded = torch.cat([question, torch.randn(1, 23, llm.config.hidden_size, generator=g)], dim=1)  # 32 rows
+        logits, hidden = other.chunk_step(padded, torch.arange(11, 43), torch.tensor([8]))
+        assert float((logits - want_logits).abs().max()) <= LOGIT_ATOL
+        assert float((hidden - want_hidden).abs().max()) <= LOGIT_ATOL
+        gen = GenerationConfig(max_new_tokens=16)
+        want = list(DecodeLoop(fast).run(want_logits, 20, 16, gen))
+        got = list(DecodeLoop(other).run(logits, 20, 16, gen))
+    assert got == want
