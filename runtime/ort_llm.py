@@ -174,15 +174,18 @@ def _session(ort, path: Path, providers: Sequence[Provider]):
     if missing:
         raise DependencyError(f"ONNX Runtime providers: {missing}", f"are not available (installed: {sorted(available)}).",
                               "Install onnxruntime-gpu for CUDA, or pass providers=['CPUExecutionProvider'].")
+    import warnings
+
+    from vidllm_edge.runtime.ort_backend import check_started
+
     try:
-        session = ort.InferenceSession(str(path), providers=list(providers))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            session = ort.InferenceSession(str(path), providers=list(providers))
     except Exception as exc:  # noqa: BLE001 - ORT raises its own pybind types (InvalidProtobuf, Fail, ...)
         raise CheckpointError(f"LLM graph: {path}", f"cannot be loaded by ONNX Runtime ({type(exc).__name__}: "
                               f"{str(exc).strip()[:300]}).", "The file is truncated or corrupted. " + _EXPORT_NOTE) from exc
-    if session.get_providers()[0] != names[0]:  # ORT falls back to CPU quietly when a provider fails to start
-        raise DependencyError(f"ONNX Runtime provider: {names[0]}", f"could not start for {path.name} "
-                              f"(session runs on {session.get_providers()}).",
-                              "Check the CUDA/cuDNN libraries onnxruntime-gpu needs (vidllm-edge doctor).")
+    check_started(session, names[0], path, [str(w.message) for w in caught])  # ORT falls back to CPU quietly
     return session
 
 

@@ -22,14 +22,14 @@ QWEN = dict(model_type="qwen2", vocab_size=1000, hidden_size=256, intermediate_s
             tie_word_embeddings=True)
 
 
-def _fast(device="cpu", dtype=torch.float32) -> FastLLM:
+def _fast(device="cpu", dtype=torch.float32, max_seq: int = 128) -> FastLLM:
     torch.manual_seed(0)
     llm = build_llm(LLMConfig(hf_config=QWEN))
     with torch.no_grad():
         for name, p in llm.named_parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 0.35 if ("embed" in name or "lm_head" in name) else p.shape[1] ** -0.5)
-    return FastLLM.from_hf(llm, dtype=dtype, device=device, max_seq=128)
+    return FastLLM.from_hf(llm, dtype=dtype, device=device, max_seq=max_seq)
 
 
 def test_switch_refuses_triton_where_it_cannot_run_and_unknown_kinds():
@@ -107,11 +107,12 @@ def test_fast_decoder_compiled_on_cuda_answers_as_eager():
     tok = tiny_tokenizer()
     answers = []
     for compile_ in (False, True):
-        fast = _fast("cuda", torch.float32)
+        fast = _fast("cuda", torch.float32, max_seq=256)
         head = BoxHead(QWEN["hidden_size"], 32).cuda().eval()
         dec = FastDecoder(fast, tok, head, Cfg(hf_config=QWEN, box_head_hidden=32), compile=compile_)
         dec.eos_ids = set()
         dec.prefill_prefix(torch.randn(40, QWEN["hidden_size"], generator=torch.Generator().manual_seed(1)).cuda())
+        assert dec.prefix_len + dec.chunk + 24 <= fast.max_seq  # room for the padded chunk and the answer
         gen = GenerationConfig(max_new_tokens=24)
         answers.append([[a for _, a in dec.stream(q, gen) if a is not None][0].token_ids
                         for q in ("Where is the chair?", "How many doors are there?")])

@@ -40,3 +40,36 @@ def test_symbolic_dims_must_agree_across_inputs():
     feed["feat3"] = torch.zeros(3, 6, 8)
     with pytest.raises(InputError, match=r"^Input tensor: feat3 \| Received shape \[3, 6, 8\]\.\nNote: .*Sm=2"):
         Echo(METRIC_DEPTH, {"P": 6, "C": 8})(feed)
+
+
+def test_a_provider_that_fails_to_start_is_an_error_not_a_quiet_cpu_run(tmp_path, monkeypatch):
+    """ONNX Runtime retries on the CPU and only warns when the CUDA provider fails to start (seen on the H100:
+    a GPU benchmark silently ran on the CPU). Both session openers turn that into a DependencyError."""
+    import warnings
+
+    import onnxruntime as ort
+
+    from vidllm_edge.errors import DependencyError
+    from vidllm_edge.runtime import ort_backend, ort_llm
+
+    class FallingBack:  # what ORT does: warn, then build the session on the CPU
+        def __init__(self, path, sess_options=None, providers=None):
+            warnings.warn("EP Error libcudnn.so.9: cannot open shared object file when using "
+                          "['CUDAExecutionProvider'] Falling back to ['CPUExecutionProvider'] and retrying.")
+
+        def get_providers(self):
+            return ["CPUExecutionProvider"]
+
+    monkeypatch.setattr(ort, "InferenceSession", FallingBack)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    path = tmp_path / "unit.onnx"
+    with pytest.raises(DependencyError) as err:
+        ort_backend.open_session(path, ["CUDAExecutionProvider"])
+    text = str(err.value)
+    assert text.startswith("ONNX Runtime provider: CUDAExecutionProvider | could not be started for unit.onnx; "
+                           "ONNX Runtime fell back to CPUExecutionProvider (EP Error libcudnn.so.9")
+    assert "Note: Check the CUDA and cuDNN libraries" in text
+    with pytest.raises(DependencyError, match=r"ONNX Runtime provider: CUDAExecutionProvider \| could not be started "
+                                              r"for llm_decode.onnx"):
+        ort_llm._session(ort, tmp_path / "llm_decode.onnx", ["CUDAExecutionProvider"])
+    assert ort_backend.open_session(path, ["CPUExecutionProvider"]).get_providers() == ["CPUExecutionProvider"]
