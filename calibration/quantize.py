@@ -11,11 +11,25 @@ where TensorRT picks its own precision. Attention's activation-by-activation Mat
 Per unit: `sensitivity` quantizes one MatMul/Conv/Gemm at a time and measures the unit's outputs
 against FP32; `policy` keeps the most sensitive nodes in FP until the unit meets the INT8 gate, or
 rejects INT8 for the unit. Speed is judged on the GPU later; this module only decides parity.
+
+Two routes write the graphs: ``method="ort"`` (onnxruntime.quantization, the default) and ``"modelopt"``
+(NVIDIA Model-Optimizer's ONNX quantizer; its ``[onnx]`` extra pins onnx 1.21, onnxruntime-gpu 1.24 and
+cupy, so it lives in an environment of its own). Measured on every unit of the tiny preset with the same
+export, calibration, held-out frames and gate (benchmarks/results/int8_method_compare_tiny.md): in this
+layout both pass the gate on the same units (6/6 with 2 videos x 8 frames, 5/6 with 1 video x 4) and the
+policy decides the same. modelopt's lower error on geometry (pose_enc cosine 0.99983 vs 0.99951) comes from
+its fixed rule of leaving MatMul/Gemm layers with fewer than 16 input or output features FP: this route
+with those 8 camera-head layers excluded gives 0.99982, so the quantizers agree and the gain is a node
+choice our policy can make. With attention quantized (modelopt's own default) modelopt passes 4/6 units
+against 5/6, with 5.4x the summed error. modelopt also quantizes attention matmuls its pattern matcher
+misses (20 in geometry), feeds DequantizeLinear outputs to residual Adds (21), raises the opset to 19 and
+took about twice as long per graph. So "ort" stays the default.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import re
@@ -108,6 +122,9 @@ def _reader(samples: list[dict[str, np.ndarray]]):
 
         def rewind(self) -> None:
             self.position = 0
+
+        def get_first(self):  # modelopt runs one sample through the graph first to read MatMul shapes
+            return samples[0]
 
         def __len__(self) -> int:
             return len(samples)
@@ -220,27 +237,10 @@ class UnitQuantizer:
         return target
 
     def _build_ort(self, target: Path, exclude: list[str], include: list[str] | None) -> None:
-        quant = require("onnxruntime.quantization", "INT8 quantization")
-        # Attention's activation-by-activation MatMuls are left out by name, so that `quantizable_nodes`
-        # alone defines the candidates (the sensitivity, the policy and this build agree on them).
-        skip = [] if self.quantize_attention else [n.name for n in quantizable_nodes(self.fp32, True) if not n.weight]
-        with _quiet_root_logger():  # ORT warns to run its pre-processing, which would re-fuse the exported graph
-            quant.quantize_static(
-                str(self.fp32), str(target), _reader(self.samples["calibration"]),
-                quant_format=quant.QuantFormat.QDQ, op_types_to_quantize=list(OP_TYPES), per_channel=True,
-                reduce_range=False, activation_type=quant.QuantType.QInt8, weight_type=quant.QuantType.QInt8,
-                nodes_to_quantize=include, nodes_to_exclude=exclude + skip, use_external_data_format=self.external,
-                calibrate_method=quant.CalibrationMethod.MinMax,
-                calibration_cache_path=str(self._scratch / "ranges.json"),
-                extra_options={
-                    "ActivationSymmetric": True, "WeightSymmetric": True,  # zero points 0: TensorRT's layout
-                    "OpTypesToExcludeOutputQuantization": list(OP_TYPES),  # Q/DQ on inputs only; TRT fuses the rest
-                    "QuantizeBias": False,  # biases stay FP32 (TensorRT has no int32-bias DequantizeLinear)
-                    "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},  # weight [K, N]: one scale per output column
-                    "DedicatedQDQPair": False,
-                })
-        selected = {n.name for n in self.nodes()} if include is None else set(include)
-        restrict_dq_consumers(target, selected - set(exclude) - set(skip), self.external)
+        quantize_graph_ort(self.fp32, target, self.samples["calibration"], exclude=exclude, include=include,
+                           external=self.external, quantize_attention=self.quantize_attention,
+                           ranges=self._scratch / "ranges.json",
+                           candidates=[n.name for n in self.nodes()])
 
     def _build_modelopt(self, target: Path, exclude: list[str], include: list[str] | None) -> None:
         try:
@@ -249,13 +249,33 @@ class UnitQuantizer:
             raise DependencyError("Python package: modelopt.onnx.quantization",
                                   f"cannot be imported ({exc.__class__.__name__}: {str(exc).splitlines()[0]}); needed "
                                   "for --method modelopt.", MODELOPT_NOTE) from exc
-        mo_quantize(onnx_path=str(self.fp32), quantize_mode="int8",
+        # modelopt 0.47 runs onnx.shape_inference.infer_shapes_path(onnx_path) on its input, which rewrites
+        # that file in place (the export's sha256 would no longer match its manifest), and writes its
+        # intermediate graphs beside it: it gets a private copy in the scratch folder. dq_only: int8 weights
+        # behind a DequantizeLinear, as the ort route writes them (by default modelopt keeps FP32 weights
+        # behind a QuantizeLinear: the same numbers in a file of FP32 size).
+        source = self._modelopt_source()
+        mo_quantize(onnx_path=str(source), quantize_mode="int8",
                     calibration_data_reader=_reader(self.samples["calibration"]), calibration_method="max",
                     calibration_eps=["cpu"], op_types_to_quantize=list(OP_TYPES),
                     nodes_to_exclude=[f"^{re.escape(n)}$" for n in exclude] or None,
                     nodes_to_quantize=[f"^{re.escape(n)}$" for n in include] if include is not None else None,
-                    output_path=str(target), high_precision_dtype="fp32",
-                    disable_mha_qdq=not self.quantize_attention, log_level="WARNING")
+                    use_external_data_format=self.external, output_path=str(target), high_precision_dtype="fp32",
+                    disable_mha_qdq=not self.quantize_attention, dq_only=True, log_level="WARNING")
+        spill = target.with_name(target.name + "_data")  # modelopt's name for external weights; ours is .data
+        if spill.exists():
+            onnx = require("onnx", "INT8 quantization")
+            model = onnx.load(str(target))
+            onnx.save(model, str(target), save_as_external_data=True, location=f"{target.name}.data")
+            spill.unlink()
+
+    def _modelopt_source(self) -> Path:
+        source = self._scratch / "modelopt" / self.fp32.name
+        if not source.exists():
+            source.parent.mkdir()
+            for f in self.manifest["units"][self.unit]["files"]:  # the graph and its external weights
+                shutil.copyfile(self.export_dir / f, source.parent / Path(f).name)
+        return source
 
     # -- measuring ---------------------------------------------------------------------------------
     def _run(self, path: Path, split: str) -> dict[str, np.ndarray]:
@@ -371,6 +391,52 @@ class UnitQuantizer:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return final
+
+
+def quantize_graph_ort(fp32: Path, target: Path, samples: list[dict[str, np.ndarray]], *, exclude=(), include=None,
+                       external: bool = False, quantize_attention: bool = False, ranges: Path | None = None,
+                       candidates: list[str] | None = None) -> None:
+    """onnxruntime.quantization in TensorRT 10's explicit-quantization layout (see the module docstring):
+    ``fp32`` graph -> Q/DQ graph ``target``, activation ranges (max |x|) from ``samples`` (feeds by input name).
+
+    exclude / include: node names kept FP / the only nodes quantized (None: every candidate). ``ranges``
+    caches the calibration ranges (reused by later variants of the same graph). ``candidates``: the
+    quantizable node names (default: `quantizable_nodes`).
+    """
+    quant = require("onnxruntime.quantization", "INT8 quantization")
+    exclude, include = list(exclude), None if include is None else list(include)
+    # Attention's activation-by-activation MatMuls are left out by name, so that `quantizable_nodes`
+    # alone defines the candidates (the sensitivity, the policy and this build agree on them).
+    skip = [] if quantize_attention else [n.name for n in quantizable_nodes(fp32, True) if not n.weight]
+    scratch = None
+    if ranges is None:
+        scratch = Path(tempfile.mkdtemp(prefix="vidllm-int8-ranges-"))
+        ranges = scratch / "ranges.json"
+    # Ranges cached across variants where this onnxruntime can (its calibration_cache_path argument is newer
+    # than our onnxruntime>=1.18 floor; without it each variant recalibrates, slower but the same numbers).
+    cache = ({"calibration_cache_path": str(ranges)}
+             if "calibration_cache_path" in inspect.signature(quant.quantize_static).parameters else {})
+    try:
+        with _quiet_root_logger():  # ORT warns to run its pre-processing, which would re-fuse the exported graph
+            quant.quantize_static(
+                str(fp32), str(target), _reader(samples),
+                quant_format=quant.QuantFormat.QDQ, op_types_to_quantize=list(OP_TYPES), per_channel=True,
+                reduce_range=False, activation_type=quant.QuantType.QInt8, weight_type=quant.QuantType.QInt8,
+                nodes_to_quantize=include, nodes_to_exclude=exclude + skip, use_external_data_format=external,
+                calibrate_method=quant.CalibrationMethod.MinMax, **cache,
+                extra_options={
+                    "ActivationSymmetric": True, "WeightSymmetric": True,  # zero points 0: TensorRT's layout
+                    "OpTypesToExcludeOutputQuantization": list(OP_TYPES),  # Q/DQ on inputs only; TRT fuses the rest
+                    "QuantizeBias": False,  # biases stay FP32 (TensorRT has no int32-bias DequantizeLinear)
+                    "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},  # weight [K, N]: one scale per output column
+                    "DedicatedQDQPair": False,
+                })
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    names = candidates if candidates is not None else [n.name for n in quantizable_nodes(fp32, quantize_attention)]
+    selected = set(names) if include is None else set(include)
+    restrict_dq_consumers(target, selected - set(exclude) - set(skip), external)
 
 
 def _discard(path: Path) -> None:
