@@ -582,6 +582,9 @@ def quantize_export(export_dir: str | Path, calib_dir: str | Path, units: list[s
     if not units:
         raise InputError(f"Calibration folder: {calib.folder}", f"has no inputs for any vision unit of {export_dir}.",
                          "Record calibration data for this export: vidllm-edge calibrate --export DIR ...")
+    # Every unit's calibration before the first graph is written, not unit by unit (unknown or LLM units are
+    # refused by UnitQuantizer with their own message).
+    check_calibration(calib, export_dir, [u for u in units if u in manifest["units"] and not u.startswith("llm_")])
     report: dict[str, Any] = {
         "format": "vidllm-edge-int8-report", "export": str(export_dir), "calibration": str(calib.folder),
         "method": method, "quantize_attention": quantize_attention, "gate": asdict(gate),
