@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(run, required=False)
     run.add_argument("--out", required=True, type=Path, help="output folder")
     run.add_argument("--frames", type=int, default=None, help="frames to sample (default: the preset's)")
+    run.add_argument("--decoder", default="reference", choices=["reference", "fast"],
+                     help="LLM decoder for --backend torch: reference (transformers) or fast (our static-KV-cache "
+                          "decoder; Triton GEMVs and CUDA graphs when the model is on a GPU, see README)")
     run.add_argument("--backend", default="torch", choices=list(BACKENDS),
                      help="torch (needs --preset/--checkpoint) or onnxruntime (needs --engines)")
     run.add_argument("--engines", type=Path, default=None,
@@ -83,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     from vidllm_edge.models.quant_cli import add_quantize_llm_parser
 
     add_quantize_llm_parser(sub)
+    from vidllm_edge.benchmarks.bench_cli import add_bench_parser
+
+    add_bench_parser(sub)
 
     doctor = sub.add_parser("doctor", help="what is installed and which backends work")
     doctor.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -141,8 +147,12 @@ def cmd_run(args) -> int:
             raise InputError("Arguments: --backend torch", "needs --preset or --checkpoint (and no --engines).",
                              "Add --preset tiny, or run an export folder with --backend onnxruntime --engines DIR.")
         model, name = _load_model(args)
-        pipeline = Pipeline(model, num_frames=args.frames, generation=gen)
+        pipeline = Pipeline(model, num_frames=args.frames, generation=gen, decoder=args.decoder)
     else:
+        if args.decoder != "reference":
+            raise InputError(f"Arguments: --decoder {args.decoder}", f"applies to --backend torch; --backend "
+                             f"{args.backend} decodes with the LLM graphs of its engine folder.",
+                             "Drop --decoder, or run --backend torch --preset/--checkpoint --decoder fast.")
         if args.engines is None or args.preset is not None or args.checkpoint is not None:
             raise InputError(f"Arguments: --backend {args.backend}", "needs --engines DIR (and no --preset/--checkpoint).",
                              "Export first: vidllm-edge export --preset tiny --out DIR; then --engines DIR.")
@@ -260,8 +270,15 @@ def cmd_quantize(args) -> int:
     return quantize(args)
 
 
+def cmd_bench(args) -> int:
+    from vidllm_edge.benchmarks.bench_cli import cmd_bench as bench
+
+    return bench(args)
+
+
 COMMANDS = {"run": cmd_run, "demo": cmd_demo, "export": cmd_export, "calibrate": cmd_calibrate,
-            "quantize": cmd_quantize, "quantize-llm": cmd_quantize_llm, "build": cmd_build, "doctor": cmd_doctor}
+            "quantize": cmd_quantize, "quantize-llm": cmd_quantize_llm, "build": cmd_build, "doctor": cmd_doctor,
+            "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
