@@ -155,10 +155,19 @@ def prepare_exports(model, model_name: str, arts: Artifacts, opts: Any, frames: 
     made = []
     wanted = {"fp32" if p == "int8" else p for p in opts.precisions}
     profile = FrameProfile(1, min(8, max(frames)), max(max(frames), 2))
-    for precision in sorted(wanted):
+    for precision in sorted(wanted, reverse=True):  # fp32 first: the fp16 folder is derived from it
         folder = arts.exports.get(precision)
         if folder is None:
             continue  # a single export folder of another precision was given: those rows are skipped
+        fp32 = arts.exports.get("fp32")
+        if precision == "fp16" and not arts.existing.get("fp16") and fp32 is not None and arts.existing.get("fp32"):
+            from vidllm_edge.export.exporter import derive_fp16
+
+            start = time.perf_counter()  # the same FP16 graphs as exporting again, without tracing again
+            derive_fp16(fp32, folder, VISION_UNITS, log=log)
+            arts.existing["fp16"] = True
+            made.append(f"fp16 export derived from the fp32 one ({time.perf_counter() - start:.0f} s)")
+            continue
         if not arts.existing.get(precision):
             start = time.perf_counter()
             print(f"exporting the vision units ({precision}, {arts.image_hw[0]}x{arts.image_hw[1]}, opset {opts.opset}) "

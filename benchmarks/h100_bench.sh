@@ -6,9 +6,10 @@
 # One device call per phase, back to back on a warm machine (files under $WORK live only while it is warm);
 # every phase is sized to end within a 10-minute call (the estimates are guesses for 16 CPU cores + one H100):
 #
-#   bash benchmarks/h100_bench.sh export-fp16   # ~7 min: FP16 ONNX of the vision units, opset 23 (CPU tracing)
-#   bash benchmarks/h100_bench.sh export-fp32   # ~7 min: FP32 ONNX (the source of the INT8 graphs)
-#   bash benchmarks/h100_bench.sh int8          # ~6 min: calibration frames (synthetic room, seed 1), Q/DQ graphs
+#   bash benchmarks/h100_bench.sh prepare       # ~8 min: FP32 ONNX of the vision units (opset 23, CPU tracing;
+#                                               # perception took 61 s at 518x518 on that machine), the FP16
+#                                               # folder converted from it (no second trace), INT8 calibration
+#                                               # (synthetic room, seed 1) and the Q/DQ graphs
 #   bash benchmarks/h100_bench.sh torch         # ~8 min: torch eager fp32 + fp16 autocast, reference decoder
 #   bash benchmarks/h100_bench.sh ort           # ~8 min: ONNX Runtime CUDA fp16 + int8, fast decoder (bf16, graphs)
 #   bash benchmarks/h100_bench.sh compiled      # ~9 min: torch.compile fp16 vision + the fast decoder
@@ -38,14 +39,12 @@ BENCH=("${COMMON[@]}" --reps 5 --warmup 2 --answer-tokens 64 --out "$WORK/report
 bench() { "$PY" -m vidllm_edge.runtime.cli bench "$@" || { code=$?; [ "$code" -eq 1 ] || exit "$code"; }; }  # 1: a gate failed
 
 case "${1:-}" in
-  export-fp16) "$PY" -m vidllm_edge.runtime.cli bench "${COMMON[@]}" --backends onnxruntime --precision fp16 --prepare-only ;;
-  export-fp32) "$PY" -m vidllm_edge.runtime.cli bench "${COMMON[@]}" --backends onnxruntime --precision fp32 --prepare-only ;;
-  int8)        "$PY" -m vidllm_edge.runtime.cli bench "${COMMON[@]}" --backends onnxruntime --precision int8 --prepare-only ;;
+  prepare)     "$PY" -m vidllm_edge.runtime.cli bench "${COMMON[@]}" --backends onnxruntime --precision fp16,int8 --prepare-only ;;
   torch)       bench "${BENCH[@]}" --backends torch --precision fp32,fp16 ;;
   ort)         bench "${BENCH[@]}" --backends onnxruntime --precision fp16,int8 ;;
   compiled)    bench "${BENCH[@]}" --backends torch-compiled --precision fp16 ;;
   report) ;;
-  *) echo "usage: bash benchmarks/h100_bench.sh export-fp16|export-fp32|int8|torch|ort|compiled|report" >&2; exit 2 ;;
+  *) echo "usage: bash benchmarks/h100_bench.sh prepare|torch|ort|compiled|report" >&2; exit 2 ;;
 esac
 if [ -n "${OUT:-}" ] && [ -f "$WORK/report/report.json" ]; then  # every phase hands back the report so far
   rm -rf "$OUT/bench_h100_edge" && cp -r "$WORK/report" "$OUT/bench_h100_edge"
