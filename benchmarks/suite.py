@@ -388,7 +388,7 @@ class Suite:
 
         def one_scene():
             clock = Clock(self.device)
-            with clocked_pipeline(clock):
+            with clocked_pipeline(pipe, clock):
                 scene = pipe.encode(frames)
             missing = [name for name in ENCODE_STAGES if name not in clock.host]
             assert not missing, f"Pipeline.encode no longer times the stages {missing}: update timing.STAGE_GROUPS"

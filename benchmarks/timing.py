@@ -12,7 +12,7 @@ wall time. Peak device memory: the device-wide used memory polled every 5 ms (``
 TensorRT Edge-LLM's memory monitor) and ``torch.cuda.max_memory_allocated``, both reset per configuration
 after warm-up; host RSS polled likewise (Linux ``/proc/self/statm``).
 
-The stopwatch of ``Pipeline.encode`` is the module-level ``runtime.pipeline._Stopwatch``; `clocked_pipeline`
+The stopwatch of ``Pipeline.encode`` is the pipeline's ``stopwatch`` factory; `clocked_pipeline`
 swaps it for the duration of one encode, and the suite fails loudly if a stage it expects was not timed. The
 question's time to first token is measured here for every decoder alike (prefill of the question, first id on
 the host, both synchronised), not taken from the decoders' own unsynchronised ``ttft_ms``.
@@ -48,7 +48,6 @@ import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
-from unittest import mock
 
 import numpy as np
 import torch
@@ -98,11 +97,11 @@ class Clock:
 
 
 @contextlib.contextmanager
-def clocked_pipeline(clock: Clock) -> Iterator[None]:
-    """Run ``Pipeline.encode`` with its stopwatch replaced by ``clock`` (synchronised stage edges + events)."""
-    from vidllm_edge.runtime import pipeline
+def clocked_pipeline(pipe, clock: Clock) -> Iterator[None]:
+    """Run ``pipe.encode`` with its stage timer (`Pipeline.stopwatch`) replaced by ``clock`` (synchronised stage
+    edges + CUDA events)."""
 
-    class _Stopwatch:
+    class Stopwatch:
         def __init__(self, timings: dict[str, float]) -> None:
             self.timings = timings
 
@@ -112,8 +111,12 @@ def clocked_pipeline(clock: Clock) -> Iterator[None]:
                 yield
             self.timings[name] = clock.host[name]
 
-    with mock.patch.object(pipeline, "_Stopwatch", _Stopwatch):
+    before = pipe.stopwatch
+    pipe.stopwatch = Stopwatch
+    try:
         yield
+    finally:
+        pipe.stopwatch = before
 
 
 class MemoryMonitor:

@@ -123,6 +123,9 @@ class Pipeline:
         self._units_for = units_for
         self._decoder_factory = decoder_factory
         self._units: dict[tuple[int, int], dict] = {}
+        # Factory of the stage timer `encode` uses (timings dict -> ``with stage(name):``); the benchmark
+        # suite puts a clock here that synchronises the device at every stage edge and records CUDA events.
+        self.stopwatch: Callable[[dict[str, float]], Callable] = _Stopwatch
 
     @classmethod
     def from_export(cls, folder: str | Path, providers: list[str] | None = None, num_frames: int | None = None,
@@ -148,7 +151,7 @@ class Pipeline:
     def encode(self, video: str | Path | Frames, num_frames: int | None = None) -> Scene:
         """Encode a video file, frame folder or `Frames` into a `Scene` (timings in ms per stage)."""
         timings: dict[str, float] = {}
-        stage = _Stopwatch(timings)
+        stage = self.stopwatch(timings)
         with stage("decode_video"):
             frames = self.load_frames(video, num_frames)
         with stage("preprocess"):
