@@ -236,7 +236,6 @@ class Attention(nn.Module):
         out = torch.matmul(probs, v_cache)  # [1, Hkv, G, Dh]
         return self.wo(out.reshape(1, 1, self.n_heads * self.head_dim))
 
-
     def chunk(self, x, cos, sin, pos: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """T tokens x [1, T, D] at positions ``pos`` [T] (a tensor); ``visible`` [T, S] masks the static cache.
 
@@ -351,8 +350,8 @@ class FastLLM(nn.Module):
 
     def setup_cache(self, max_seq: int) -> None:
         """(Re)allocate the static KV cache, one [1, kv_heads, max_seq, head_dim] K and V buffer per layer (in the
-        model dtype: bf16, fp16 or fp32), and the rotary tables. Compiled decode steps capture these buffers: build the decode
-        loop after this call.
+        model dtype: bf16, fp16 or fp32), and the rotary tables. Compiled decode steps capture these buffers:
+        build the decode loop after this call.
 
         The cache starts zeroed so masked-out slots hold finite numbers (0 * garbage could be NaN).
         """
