@@ -53,7 +53,7 @@ TINY = dict(model_type="qwen2", vocab_size=512, hidden_size=128, intermediate_si
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, rope_theta=10000.0,
             tie_word_embeddings=True)
 MODELS = {  # name: (preset that holds the HF config, or the dict; prompt tokens; new tokens)
-    "tiny": (TINY, 64, 16),
+    "tiny": (TINY, 64, 64),
     "1.5b": ("edge", 1500, 128),  # Qwen2-1.5B shape
     "7b": ("paper", 1500, 128),  # LLaMA-7B shape (the paper preset)
 }
