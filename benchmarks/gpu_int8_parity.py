@@ -136,7 +136,9 @@ def main(argv=None) -> int:
             p_ = model.cfg.patch_size
             bound = {"H": hw[0], "W": hw[1], "P": (hw[0] // p_) * (hw[1] // p_), "C": model.cfg.embed_dim}
             bound = {k: v for k, v in bound.items() if any(k in t.shape for t in spec.inputs + spec.outputs)}
-            sessions = {prec: OrtUnit(spec, paths[prec], providers, bound) for prec in ("fp16", "int8")}
+            sessions = {prec: OrtUnit(spec, paths[prec], providers, bound,  # opset >= 21 Q/DQ: see open_session
+                                      basic_optimizations=prec == "int8" and args.opset >= 21)
+                        for prec in ("fp16", "int8")}
             for s in [None] + frames:  # None: the held-out clip (parity only)
                 images = (held_images if s is None else real_frames(s, hw)).to(device)
                 with torch.inference_mode():

@@ -34,7 +34,10 @@ if ! "$PY" -c "import vidllm_edge.benchmarks.suite" 2>/dev/null; then
   "$PY" -m pip install -q --no-deps --no-build-isolation -e .
 fi
 
-COMMON=(--preset edge --image-hw 336x518 --frames 8,16,32 --export "$WORK/export" --opset 23)
+# PRESET / IMAGE_HW / FRAMES override the H100 settings for a dry run of the phases elsewhere, e.g.
+#   PRESET=tiny IMAGE_HW=70x84 FRAMES=2,4 WORK=/tmp/dry bash benchmarks/h100_bench.sh prepare   (on a CPU)
+COMMON=(--preset "${PRESET:-edge}" --image-hw "${IMAGE_HW:-336x518}" --frames "${FRAMES:-8,16,32}"
+        --export "$WORK/export" --opset 23)
 BENCH=("${COMMON[@]}" --reps 5 --warmup 2 --answer-tokens 64 --out "$WORK/report" --resume --max-seconds "$BUDGET")
 bench() { "$PY" -m vidllm_edge.runtime.cli bench "$@" || { code=$?; [ "$code" -eq 1 ] || exit "$code"; }; }  # 1: a gate failed
 
@@ -47,5 +50,5 @@ case "${1:-}" in
   *) echo "usage: bash benchmarks/h100_bench.sh prepare|torch|ort|compiled|report" >&2; exit 2 ;;
 esac
 if [ -n "${OUT:-}" ] && [ -f "$WORK/report/report.json" ]; then  # every phase hands back the report so far
-  rm -rf "$OUT/bench_h100_edge" && cp -r "$WORK/report" "$OUT/bench_h100_edge"
+  mkdir -p "$OUT" && rm -rf "$OUT/bench_h100_edge" && cp -r "$WORK/report" "$OUT/bench_h100_edge"
 fi

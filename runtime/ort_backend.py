@@ -39,13 +39,17 @@ def resolve_providers(providers: list[str] | None) -> list[str]:
     return wanted
 
 
-def open_session(path: Path, providers: list[str]):
+def open_session(path: Path, providers: list[str], basic_optimizations: bool = False):
     """An InferenceSession on ``providers``; a CheckpointError naming a corrupted/unreadable graph, and a
     DependencyError when ONNX Runtime could not start the first provider asked for.
 
     ONNX Runtime itself, when a provider fails to initialise (missing CUDA/cuDNN libraries, a driver
     mismatch), retries on the CPU and only warns: a GPU run would silently become a CPU run (seen on the
     lent H100: a 100 ms FP16 unit took 11 s). Here that is an error that carries ONNX Runtime's reason.
+
+    ``basic_optimizations``: only ONNX Runtime's basic graph rewrites. Needed for Q/DQ graphs at opset >= 21,
+    where an extended-level rewrite inserts a QuantizeLinear with ``output_dtype`` that ONNX Runtime's own type
+    check then rejects (microsoft/onnxruntime#25526: "output_dtype INT8 does not match y_zero_point type UINT8").
     """
     import warnings
 
@@ -55,6 +59,8 @@ def open_session(path: Path, providers: list[str]):
     # ONNX Runtime's worker threads spin after each run by default, taking the cores from the torch steps
     # between units (measured: the tiny scene on 2 CPU cores 2.2x slower); the units run back to back anyway.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if basic_optimizations:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -85,10 +91,11 @@ class OrtUnit(Backend):
 
     name = "onnxruntime"
 
-    def __init__(self, spec: U.UnitSpec, path: Path, providers: list[str], bound: dict[str, int]) -> None:
+    def __init__(self, spec: U.UnitSpec, path: Path, providers: list[str], bound: dict[str, int],
+                 basic_optimizations: bool = False) -> None:
         super().__init__(spec, bound)
         self.path = path
-        self.session = open_session(path, providers)
+        self.session = open_session(path, providers, basic_optimizations)
         self.on_cuda = self.session.get_providers()[0] == "CUDAExecutionProvider"
         names = [o.name for o in self.session.get_outputs()]
         expected = [t.name for t in spec.outputs]
