@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="torch (needs --preset/--checkpoint) or onnxruntime (needs --engines)")
     run.add_argument("--engines", type=Path, default=None,
                      help="onnxruntime: an export folder (vidllm-edge export); tensorrt: an engines folder (build)")
+    run.add_argument("--int8", action="store_true",
+                     help="onnxruntime: run the INT8 Q/DQ graphs vidllm-edge quantize kept (the other units as exported)")
     run.add_argument("--providers", default=None,
                      help="ONNX Runtime providers, comma-separated (default CPUExecutionProvider)")
     _add_generation_args(run)
@@ -142,6 +144,10 @@ def cmd_run(args) -> int:
                          "--video FILE|FOLDER encodes once; --source FILE|FOLDER|CAMERA|URL runs the live loop.")
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                            seed=args.seed)
+    if args.int8 and args.backend != "onnxruntime":
+        raise InputError("Arguments: --int8", f"applies to --backend onnxruntime; --backend {args.backend} has no INT8 "
+                         "graphs to choose (torch runs the reference, TensorRT the precision its engines were built with).",
+                         "Drop --int8, or export, quantize and run --backend onnxruntime --engines DIR --int8.")
     if args.backend == "torch":
         if args.engines is not None or (args.preset is None and args.checkpoint is None):
             raise InputError("Arguments: --backend torch", "needs --preset or --checkpoint (and no --engines).",
@@ -158,7 +164,8 @@ def cmd_run(args) -> int:
                              "Export first: vidllm-edge export --preset tiny --out DIR; then --engines DIR.")
         providers = args.providers.split(",") if args.providers else None
         if args.backend == "onnxruntime":
-            pipeline = Pipeline.from_export(args.engines, providers=providers, num_frames=args.frames, generation=gen)
+            pipeline = Pipeline.from_export(args.engines, providers=providers, num_frames=args.frames, generation=gen,
+                                            int8=args.int8)
         else:
             from vidllm_edge.runtime.trt_backend import load_engines
 
@@ -166,7 +173,7 @@ def cmd_run(args) -> int:
             pipeline = Pipeline(None, backend="tensorrt", num_frames=args.frames, generation=gen, cfg=bundle.cfg,
                                 units_for=bundle.units_for, decoder_factory=bundle.decoder_factory,
                                 image_hw=bundle.image_hw)
-        name = f"{args.backend}:{args.engines}"
+        name = f"{args.backend}{' (INT8 Q/DQ graphs)' if args.int8 else ''}:{args.engines}"
     if args.source is not None:
         from vidllm_edge.runtime.loop_cli import cmd_run_loop
 

@@ -9,7 +9,7 @@ The manifest and every file's sha256 are checked before any session is created.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -142,10 +142,41 @@ class ExportBundle:
     image_hw: tuple[int, int]
     units_for: Callable
     decoder_factory: Callable
+    int8_units: list[str] = field(default_factory=list)  # vision units running their INT8 Q/DQ graph
 
 
-def load_export(folder: str | Path, providers: list[str] | None = None) -> ExportBundle:
-    """Check ``folder`` (manifest, hashes) and prepare lazy unit and decoder construction."""
+def int8_graphs(folder: Path, manifest: dict) -> dict[str, Path]:
+    """The INT8 Q/DQ graph of every vision unit the quantization policy kept in INT8 (``vidllm-edge quantize``
+    wrote them and ``quantization_report.json``, with their sha256), each checked against that hash.
+
+    Raises CheckpointError when the folder has no report, or a graph is missing or was changed since.
+    """
+    from vidllm_edge.calibration.quantize import REPORT
+
+    report_path = folder / f"{REPORT}.json"
+    if not report_path.is_file():
+        raise CheckpointError(f"Export folder: {folder}", "has no INT8 graphs (no quantization_report.json).",
+                              f"Make them: vidllm-edge calibrate ... --out CALIB; vidllm-edge quantize --export {folder} "
+                              "--calib CALIB. Or run without --int8.")
+    report = json.loads(report_path.read_text())
+    graphs = {}
+    for unit, entry in report.get("units", {}).items():
+        if not entry.get("keep_int8") or unit not in U.VISION_UNITS:
+            continue
+        path = folder / entry["file"]
+        if not path.is_file() or M.sha256(path) != entry.get("sha256"):
+            raise CheckpointError(f"INT8 graph: {path}", "is missing or differs from the one quantization_report.json "
+                                  "records.", f"Quantize again: vidllm-edge quantize --export {folder} --calib CALIB.")
+        graphs[unit] = path
+    return graphs
+
+
+def load_export(folder: str | Path, providers: list[str] | None = None, int8: bool = False) -> ExportBundle:
+    """Check ``folder`` (manifest, hashes) and prepare lazy unit and decoder construction.
+
+    ``int8``: run the INT8 Q/DQ graph of every unit the quantization policy kept in INT8 (`int8_graphs`);
+    the others, and the LLM, stay as exported. ``bundle.int8_units`` names them.
+    """
     from vidllm_edge.models.config import VidLLMConfig
     from vidllm_edge.models.tokenizer import load_tokenizer
     from vidllm_edge.runtime.ort_llm import OrtDecoder
@@ -158,6 +189,7 @@ def load_export(folder: str | Path, providers: list[str] | None = None) -> Expor
         raise CheckpointError(f"Export folder: {folder}", f"lacks the units {missing}.",
                               f"Export them: vidllm-edge export ... --out {folder} (all units by default).")
     M.verify_files(folder, manifest)
+    quantized = int8_graphs(folder, manifest) if int8 else {}
     providers = resolve_providers(providers)
     cfg = VidLLMConfig.from_dict(json.loads((folder / "config.json").read_text()))
     tokenizer = load_tokenizer(folder)
@@ -171,7 +203,9 @@ def load_export(folder: str | Path, providers: list[str] | None = None) -> Expor
         if name not in cache:
             spec = U.VISION_UNITS[name]
             fixed = {k: v for k, v in dims.items() if any(k in t.shape for t in spec.inputs + spec.outputs)}
-            cache[name] = OrtUnit(spec, folder / manifest["units"][name]["file"], providers, fixed)
+            path = quantized.get(name, folder / manifest["units"][name]["file"])
+            basic = name in quantized and int(manifest.get("opset", 18)) >= 21  # Q/DQ at opset >= 21: see open_session
+            cache[name] = OrtUnit(spec, path, providers, fixed, basic_optimizations=basic)
         return cache[name]
 
     def units_for(hw: tuple[int, int]) -> dict[str, OrtUnit]:
@@ -185,4 +219,4 @@ def load_export(folder: str | Path, providers: list[str] | None = None) -> Expor
     def decoder_factory():
         return OrtDecoder(folder / "onnx", tokenizer, cfg.llm, box_fn=box_fn, providers=providers)
 
-    return ExportBundle(folder, manifest, cfg, image_hw, units_for, decoder_factory)
+    return ExportBundle(folder, manifest, cfg, image_hw, units_for, decoder_factory, sorted(quantized))

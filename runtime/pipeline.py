@@ -129,11 +129,12 @@ class Pipeline:
 
     @classmethod
     def from_export(cls, folder: str | Path, providers: list[str] | None = None, num_frames: int | None = None,
-                    generation: GenerationConfig | None = None) -> "Pipeline":
-        """A pipeline over an export folder (``vidllm-edge export``) on ONNX Runtime."""
+                    generation: GenerationConfig | None = None, int8: bool = False) -> "Pipeline":
+        """A pipeline over an export folder (``vidllm-edge export``) on ONNX Runtime; ``int8``: with the INT8
+        Q/DQ graphs ``vidllm-edge quantize`` kept (`ort_backend.int8_graphs`)."""
         from vidllm_edge.runtime.ort_backend import load_export
 
-        bundle = load_export(folder, providers)
+        bundle = load_export(folder, providers, int8=int8)
         return cls(None, backend="onnxruntime", num_frames=num_frames, generation=generation, cfg=bundle.cfg,
                    units_for=bundle.units_for, decoder_factory=bundle.decoder_factory, image_hw=bundle.image_hw)
 
