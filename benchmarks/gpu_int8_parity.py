@@ -79,9 +79,10 @@ def build_graphs(model, unit: str, hw, work: Path, opset: int, calib: dict, star
         shutil.copyfile(f, paths["fp16"].parent / f.name)
     to_fp16(paths["fp16"], external)
     _log(start, f"{unit}: FP16 copy converted")
-    quantize_graph_ort(paths["fp32"], paths["int8"], [calib], external=external)
+    provider = quantize_graph_ort(paths["fp32"], paths["int8"], [calib], external=external)
     nodes = quantizable_nodes(paths["fp32"])
-    _log(start, f"{unit}: INT8 Q/DQ graph written ({len(nodes)} MatMul/Conv/Gemm nodes quantized)")
+    _log(start, f"{unit}: INT8 Q/DQ graph written ({len(nodes)} MatMul/Conv/Gemm nodes quantized; calibrated on "
+                f"{provider})")
     return paths
 
 

@@ -395,15 +395,23 @@ class UnitQuantizer:
 
 def quantize_graph_ort(fp32: Path, target: Path, samples: list[dict[str, np.ndarray]], *, exclude=(), include=None,
                        external: bool = False, quantize_attention: bool = False, ranges: Path | None = None,
-                       candidates: list[str] | None = None) -> None:
+                       candidates: list[str] | None = None) -> str:
     """onnxruntime.quantization in TensorRT 10's explicit-quantization layout (see the module docstring):
     ``fp32`` graph -> Q/DQ graph ``target``, activation ranges (max |x|) from ``samples`` (feeds by input name).
 
     exclude / include: node names kept FP / the only nodes quantized (None: every candidate). ``ranges``
     caches the calibration ranges (reused by later variants of the same graph). ``candidates``: the
     quantizable node names (default: `quantizable_nodes`).
+
+    The calibration pass (running the graph over ``samples`` to record max |x|) runs on ONNX Runtime's CUDA
+    provider when onnxruntime-gpu has one, else on the CPU; returns which. Only its speed differs: the ranges
+    are maxima of the same activations.
     """
     quant = require("onnxruntime.quantization", "INT8 quantization")
+    ort = require("onnxruntime", "INT8 quantization")
+    params = inspect.signature(quant.quantize_static).parameters
+    provider = ("CUDAExecutionProvider" if "CUDAExecutionProvider" in ort.get_available_providers()
+                and "calibration_providers" in params else "CPUExecutionProvider")
     exclude, include = list(exclude), None if include is None else list(include)
     # Attention's activation-by-activation MatMuls are left out by name, so that `quantizable_nodes`
     # alone defines the candidates (the sensitivity, the policy and this build agree on them).
@@ -414,8 +422,10 @@ def quantize_graph_ort(fp32: Path, target: Path, samples: list[dict[str, np.ndar
         ranges = scratch / "ranges.json"
     # Ranges cached across variants where this onnxruntime can (its calibration_cache_path argument is newer
     # than our onnxruntime>=1.18 floor; without it each variant recalibrates, slower but the same numbers).
-    cache = ({"calibration_cache_path": str(ranges)}
-             if "calibration_cache_path" in inspect.signature(quant.quantize_static).parameters else {})
+    cache = {"calibration_cache_path": str(ranges)} if "calibration_cache_path" in params else {}
+    if "calibration_providers" in params:
+        cache["calibration_providers"] = [provider, "CPUExecutionProvider"] if provider != "CPUExecutionProvider" \
+            else [provider]
     try:
         with _quiet_root_logger():  # ORT warns to run its pre-processing, which would re-fuse the exported graph
             quant.quantize_static(
@@ -437,6 +447,7 @@ def quantize_graph_ort(fp32: Path, target: Path, samples: list[dict[str, np.ndar
     names = candidates if candidates is not None else [n.name for n in quantizable_nodes(fp32, quantize_attention)]
     selected = set(names) if include is None else set(include)
     restrict_dq_consumers(target, selected - set(exclude) - set(skip), external)
+    return provider
 
 
 def _discard(path: Path) -> None:
