@@ -432,24 +432,24 @@ def _fold_scales(block, cfg: FastConfig, weights: dict, biases: dict, scales: di
     if "feed_forward.w_down" in scales:  # down's input is silu(gate) * up: scale the up rows
         s, hidden = scales["feed_forward.w_down"], cfg.intermediate_size
         weights["feed_forward.w_down"] = weights["feed_forward.w_down"] * s[None, :]
-        gate_up = weights["feed_forward.w_gate_up"].clone()
-        gate_up[hidden:] /= s[:, None]
-        weights["feed_forward.w_gate_up"] = gate_up
-        if biases["feed_forward.w_gate_up"] is not None:
-            b = biases["feed_forward.w_gate_up"].clone()
-            b[hidden:] /= s
-            biases["feed_forward.w_gate_up"] = b
+        _divide_rows(weights, biases, "feed_forward.w_gate_up", hidden, s)
     if "attention.wo" in scales:  # no GQA: o's input channel c is v's output row c (attention mixes positions only)
         s = scales["attention.wo"]
         v0 = (cfg.n_heads + cfg.n_kv_heads) * cfg.head_dim
         weights["attention.wo"] = weights["attention.wo"] * s[None, :]
-        qkv = weights["attention.wqkv"].clone()
-        qkv[v0:] /= s[:, None]
-        weights["attention.wqkv"] = qkv
-        if biases["attention.wqkv"] is not None:
-            b = biases["attention.wqkv"].clone()
-            b[v0:] /= s
-            biases["attention.wqkv"] = b
+        _divide_rows(weights, biases, "attention.wqkv", v0, s)
+
+
+def _divide_rows(weights: dict, biases: dict, name: str, start: int, s: torch.Tensor) -> None:
+    """Divide the output rows ``start:`` of linear ``name`` (weight and bias, copied) by ``s``: the producer
+    side of an AWQ scale folded through an op that maps those rows one-to-one onto the next linear's inputs."""
+    w = weights[name].clone()
+    w[start:] /= s[:, None]
+    weights[name] = w
+    if biases[name] is not None:
+        b = biases[name].clone()
+        b[start:] /= s
+        biases[name] = b
 
 
 def set_int4_kernel(fast: FastLLM, kind: str = "auto") -> dict[str, int]:
