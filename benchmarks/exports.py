@@ -207,7 +207,7 @@ def _prepare_int8(model, export: Path, arts: Artifacts, frames: int, log: TextIO
 def ort_units(folder: Path, precision: str, providers: list[str], dims: dict[str, int]) -> tuple[dict, list[str]]:
     """The vision units of an export folder on ONNX Runtime; for int8 the Q/DQ graphs where they exist.
     Returns (units, the units that run in FP32 in an int8 row)."""
-    from vidllm_edge.runtime.ort_backend import OrtUnit
+    from vidllm_edge.runtime.ort_backend import OrtUnit, needs_basic_rewrites
 
     manifest = M.read_manifest(folder)
     M.verify_files(folder, manifest, list(VISION_UNITS))
@@ -221,7 +221,6 @@ def ort_units(folder: Path, precision: str, providers: list[str], dims: dict[str
                 fp_units.append(name)
         spec = U.VISION_UNITS[name]
         bound = {k: v for k, v in dims.items() if any(k in t.shape for t in spec.inputs + spec.outputs)}
-        # Q/DQ graphs at opset >= 21 load with basic rewrites only (ONNX Runtime bug, see open_session).
-        basic = path.name.endswith(".int8.onnx") and int(manifest.get("opset", 18)) >= 21
+        basic = needs_basic_rewrites(path.name.endswith(".int8.onnx"), int(manifest.get("opset", 18)))
         units[name] = OrtUnit(spec, path, providers, bound, basic_optimizations=basic)
     return units, fp_units

@@ -32,28 +32,11 @@ import time
 import traceback
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from vidllm_edge import atomic
-from vidllm_edge.benchmarks.gpu_onnx_parity import edge_model
+from vidllm_edge.benchmarks.gpu_onnx_parity import _timed, edge_model
 from vidllm_edge.export.validate import metrics, real_frames
-
-
-def _timed(fn, reps: int, warmup: int) -> dict:
-    """Wall time per call (synchronised on CUDA), warm-up excluded."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return {"p50_ms": float(np.percentile(times, 50)), "p90_ms": float(np.percentile(times, 90)), "reps": reps,
-            "warmup": warmup}
 
 
 def _log(start: float, msg: str) -> None:
@@ -87,7 +70,7 @@ def build_graphs(model, unit: str, hw, work: Path, opset: int, calib: dict, star
 
 
 def main(argv=None) -> int:
-    from vidllm_edge.runtime.ort_backend import OrtUnit
+    from vidllm_edge.runtime.ort_backend import OrtUnit, needs_basic_rewrites
     from vidllm_edge.runtime.torch_backend import torch_units
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -137,8 +120,8 @@ def main(argv=None) -> int:
             p_ = model.cfg.patch_size
             bound = {"H": hw[0], "W": hw[1], "P": (hw[0] // p_) * (hw[1] // p_), "C": model.cfg.embed_dim}
             bound = {k: v for k, v in bound.items() if any(k in t.shape for t in spec.inputs + spec.outputs)}
-            sessions = {prec: OrtUnit(spec, paths[prec], providers, bound,  # opset >= 21 Q/DQ: see open_session
-                                      basic_optimizations=prec == "int8" and args.opset >= 21)
+            sessions = {prec: OrtUnit(spec, paths[prec], providers, bound,
+                                      basic_optimizations=needs_basic_rewrites(prec == "int8", args.opset))
                         for prec in ("fp16", "int8")}
             for s in [None] + frames:  # None: the held-out clip (parity only)
                 images = (held_images if s is None else real_frames(s, hw)).to(device)

@@ -69,14 +69,16 @@ def phase_export(args) -> None:
 
 
 def _timed(fn, reps: int, warmup: int) -> dict:
+    """Wall time per call (synchronised on CUDA), warm-up excluded."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    sync()
     times = []
     for _ in range(reps):
         start = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync()
         times.append((time.perf_counter() - start) * 1e3)
     return {"p50_ms": float(np.percentile(times, 50)), "p90_ms": float(np.percentile(times, 90)),
             "min_ms": float(min(times)), "reps": reps, "warmup": warmup}

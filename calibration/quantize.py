@@ -422,9 +422,9 @@ def quantize_graph_ort(fp32: Path, target: Path, samples: list[dict[str, np.ndar
         ranges = scratch / "ranges.json"
     # Ranges cached across variants where this onnxruntime can (its calibration_cache_path argument is newer
     # than our onnxruntime>=1.18 floor; without it each variant recalibrates, slower but the same numbers).
-    cache = {"calibration_cache_path": str(ranges)} if "calibration_cache_path" in params else {}
+    optional = {"calibration_cache_path": str(ranges)} if "calibration_cache_path" in params else {}
     if "calibration_providers" in params:
-        cache["calibration_providers"] = [provider, "CPUExecutionProvider"] if provider != "CPUExecutionProvider" \
+        optional["calibration_providers"] = [provider, "CPUExecutionProvider"] if provider != "CPUExecutionProvider" \
             else [provider]
     try:
         with _quiet_root_logger():  # ORT warns to run its pre-processing, which would re-fuse the exported graph
@@ -433,7 +433,7 @@ def quantize_graph_ort(fp32: Path, target: Path, samples: list[dict[str, np.ndar
                 quant_format=quant.QuantFormat.QDQ, op_types_to_quantize=list(OP_TYPES), per_channel=True,
                 reduce_range=False, activation_type=quant.QuantType.QInt8, weight_type=quant.QuantType.QInt8,
                 nodes_to_quantize=include, nodes_to_exclude=exclude + skip, use_external_data_format=external,
-                calibrate_method=quant.CalibrationMethod.MinMax, **cache,
+                calibrate_method=quant.CalibrationMethod.MinMax, **optional,
                 extra_options={
                     "ActivationSymmetric": True, "WeightSymmetric": True,  # zero points 0: TensorRT's layout
                     "OpTypesToExcludeOutputQuantization": list(OP_TYPES),  # Q/DQ on inputs only; TRT fuses the rest

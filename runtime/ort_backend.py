@@ -73,6 +73,12 @@ def open_session(path: Path, providers: list[str], basic_optimizations: bool = F
     return session
 
 
+def needs_basic_rewrites(qdq: bool, opset: int) -> bool:
+    """Whether a graph must load with ``basic_optimizations`` (`open_session`): Q/DQ graphs at opset >= 21,
+    which ONNX Runtime's extended rewrites break (microsoft/onnxruntime#25526)."""
+    return qdq and opset >= 21
+
+
 def check_started(session, wanted: str, path: Path, warned: list[str] = ()) -> None:
     """DependencyError unless ``session`` runs on ``wanted`` first (ONNX Runtime's own fallback warning, if
     any, is quoted as the reason)."""
@@ -204,7 +210,7 @@ def load_export(folder: str | Path, providers: list[str] | None = None, int8: bo
             spec = U.VISION_UNITS[name]
             fixed = {k: v for k, v in dims.items() if any(k in t.shape for t in spec.inputs + spec.outputs)}
             path = quantized.get(name, folder / manifest["units"][name]["file"])
-            basic = name in quantized and int(manifest.get("opset", 18)) >= 21  # Q/DQ at opset >= 21: see open_session
+            basic = needs_basic_rewrites(name in quantized, int(manifest.get("opset", 18)))
             cache[name] = OrtUnit(spec, path, providers, fixed, basic_optimizations=basic)
         return cache[name]
 
