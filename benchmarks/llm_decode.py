@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 
 from vidllm_edge import atomic
+from vidllm_edge.benchmarks.timing import sync
 
 TINY = dict(model_type="qwen2", vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, rope_theta=10000.0,
@@ -70,11 +71,6 @@ def hf_config(name: str) -> dict:
 
     spec = MODELS[name][0]
     return dict(spec) if isinstance(spec, dict) else dict(from_name(spec).llm.hf_config)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure_bandwidth(device: torch.device, gib: float, reps: int = 10) -> float:

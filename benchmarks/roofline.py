@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from vidllm_edge.benchmarks.timing import VISION_STAGES
+from vidllm_edge.benchmarks.timing import VISION_STAGES, sync
 
 PRECISIONS = ("fp32", "fp16", "int8")
 WEIGHT_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
@@ -95,11 +95,6 @@ JETSON_RESERVE_GB = 1.5
 # ------------------------------------------------------------------------------------- measured peaks
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _matmul_tflops(device: torch.device, dtype: torch.dtype, n: int, reps: int) -> float:
     """Dense n x n x n matmul throughput in TFLOP/s (2 FLOPs per multiply-add)."""
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -113,11 +108,11 @@ def _matmul_tflops(device: torch.device, dtype: torch.dtype, n: int, reps: int) 
         fn = lambda: a @ b  # noqa: E731
     for _ in range(3):
         fn()
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     for _ in range(reps):
         fn()
-    _sync(device)
+    sync(device)
     return 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e12
 
 

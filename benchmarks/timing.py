@@ -62,7 +62,8 @@ REPORT_STAGES = tuple(STAGE_GROUPS) + ("question_ttft", "decode")
 POLL_S = 0.005
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -78,7 +79,7 @@ class Clock:
     @contextlib.contextmanager
     def span(self, name: str) -> Iterator[None]:
         cuda = self.device.type == "cuda"
-        _sync(self.device)
+        sync(self.device)
         start = time.perf_counter()
         if cuda:
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -87,7 +88,7 @@ class Clock:
         if cuda:
             end.record()
             self._events.setdefault(name, []).append((begin, end))
-        _sync(self.device)
+        sync(self.device)
         self.host[name] = self.host.get(name, 0.0) + (time.perf_counter() - start) * 1e3
 
     def device_ms(self) -> dict[str, float] | None:
