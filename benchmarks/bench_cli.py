@@ -32,7 +32,11 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                                                      f"(default {','.join(d.backends)})")
     p.add_argument("--precision", default=None, help=f"comma-separated from {', '.join(PRECISIONS)} "
                                                       f"(default {','.join(d.precisions)})")
-    p.add_argument("--frames", default=None, help="comma-separated frame counts (default: the preset's)")
+    p.add_argument("--rows", default=None,
+                   help="comma-separated BACKEND:PRECISION pairs to run instead of every --backends x --precision "
+                        "pair, e.g. torch:fp32,torch:fp16,onnxruntime:int8")
+    p.add_argument("--frames", default=None, help="comma-separated frame counts, measured in this order "
+                                                  "(default: the preset's)")
     p.add_argument("--reps", type=int, default=None, help=f"timed repetitions per row (default {d.reps})")
     p.add_argument("--warmup", type=int, default=None, help=f"untimed repetitions first (default {d.warmup})")
     p.add_argument("--answer-tokens", type=int, default=None, help="tokens per answer, end of sequence ignored "
@@ -49,7 +53,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    help="parity gate overrides, e.g. fp16:rel_l2=1e-2,int8:cosine=0.999 (keys: rel_l2, cosine, "
                         "max_abs, abs_rel, delta_1_25, rot_deg, trans_m, token_agreement)")
     p.add_argument("--max-seconds", type=float, default=None,
-                   help="skip rows that would end past this many seconds (stated in the report)")
+                   help="skip rows that would end past this many seconds since the command started, model loading "
+                        "included (stated in the report)")
     p.add_argument("--opset", type=int, default=None, choices=[18, 23], help="opset of exports this run makes "
                                                                              f"(default {d.opset})")
     p.add_argument("--compile-backend", default=None, help="torch.compile backend of torch-compiled rows and the "
@@ -74,8 +79,26 @@ def parse_names(text: str, allowed: tuple[str, ...], flag: str, what: str) -> tu
     return tuple(dict.fromkeys(names))
 
 
+def parse_rows(text: str) -> tuple[tuple[str, str], ...]:
+    """``"torch:fp32,onnxruntime:int8"`` -> (("torch", "fp32"), ("onnxruntime", "int8")); InputError naming a
+    malformed or unknown entry."""
+    from vidllm_edge.benchmarks.suite import BACKENDS, PRECISIONS
+
+    note = (f"Write BACKEND:PRECISION pairs, comma-separated, e.g. --rows torch:fp32,onnxruntime:int8 "
+            f"(backends {', '.join(BACKENDS)}; precisions {', '.join(PRECISIONS)}).")
+    rows = []
+    for item in (i.strip() for i in text.split(",")):
+        backend, sep, precision = item.partition(":")
+        if not sep or backend not in BACKENDS or precision not in PRECISIONS:
+            raise InputError(f"Argument: --rows {text}", f"has the entry {item!r}, not BACKEND:PRECISION with a "
+                             "known backend and precision.", note)
+        rows.append((backend, precision))
+    return tuple(dict.fromkeys(rows))
+
+
 def parse_frames(text: str) -> tuple[int, ...]:
-    """``"8,16,32"`` -> (8, 16, 32), sorted and unique; InputError unless positive integers."""
+    """``"32,8,16"`` -> (32, 8, 16): unique, in the order given (the run order); InputError unless positive
+    integers."""
     try:
         values = tuple(int(v) for v in text.split(","))
     except ValueError:
@@ -83,7 +106,7 @@ def parse_frames(text: str) -> tuple[int, ...]:
                          "Write e.g. --frames 8,16,32.") from None
     if not values or min(values) < 1:
         raise InputError(f"Argument: --frames {text}", "must be positive frame counts.", "Write e.g. --frames 8,16,32.")
-    return tuple(sorted(set(values)))
+    return tuple(dict.fromkeys(values))
 
 
 def parse_gates(text: str) -> dict[str, dict[str, float]]:
@@ -117,6 +140,13 @@ def options_from_args(args):
         given["backends"] = parse_names(args.backends, BACKENDS, "--backends", "backend")
     if args.precision is not None:
         given["precisions"] = parse_names(args.precision, PRECISIONS, "--precision", "precision")
+    if args.rows is not None:
+        if args.backends is not None or args.precision is not None:
+            raise InputError(f"Argument: --rows {args.rows}", "was given with --backends or --precision.",
+                             "Give either --rows BACKEND:PRECISION,... or --backends and --precision, not both.")
+        given["rows"] = parse_rows(args.rows)
+        given["backends"] = tuple(dict.fromkeys(b for b, _ in given["rows"]))
+        given["precisions"] = tuple(dict.fromkeys(p for _, p in given["rows"]))
     if args.frames is not None:
         given["frames"] = parse_frames(args.frames)
     if args.image_hw is not None:
@@ -153,7 +183,7 @@ def cmd_bench(args) -> int:
 
     start = time.perf_counter()
     model, name = _load_model(args)
-    report = run_bench(model, name, opts, args.out)
+    report = run_bench(model, name, opts, args.out, started=start)  # --max-seconds counts model loading too
     if opts.prepare_only:
         return EXIT_OK
     print(console_table(report))

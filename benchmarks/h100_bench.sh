@@ -1,54 +1,86 @@
 #!/usr/bin/env bash
-# The lent-H100 run of the benchmark suite (issue 6): the edge preset at S = 8, 16, 32 frames of 336x518 (the
-# frame size of VGGT's published timings), torch eager (FP32 reference, FP16 autocast), torch.compile (FP16),
-# ONNX Runtime CUDA (FP16, INT8 Q/DQ) and the fast decoder, into ONE report.
+# The lent-H100 run of the benchmark suite (issue 6): the edge preset at S = 32, 8, 16 frames of 336x518 (the
+# frame size of VGGT's published timings) into ONE report, with these rows per frame count:
+#   torch:fp32           torch eager, the FP32 reference (TF32 off), reference decoder (transformers, FP32)
+#   torch:fp16           torch eager under FP16 autocast, reference decoder
+#   onnxruntime:fp16     ONNX Runtime CUDA, the FP16 export, fast decoder (bf16, compiled, CUDA graphs)
+#   onnxruntime:int8     ONNX Runtime CUDA, the INT8 Q/DQ graphs, fast decoder
+#   torch-compiled:fp16  torch.compile (inductor) of the FP16-autocast units, fast decoder
 #
-# One device call per phase, back to back on a warm machine (files under $WORK live only while it is warm);
-# every phase is sized to end within a 10-minute call (the estimates are guesses for 16 CPU cores + one H100):
+# Resumable under a per-call limit: every call of
+#   bash benchmarks/h100_bench.sh run
+# does the next steps that are not done yet, each under what is left of DEADLINE seconds (default 570; one
+# device call may run 600), and hands back what it has under $OUT before it ends:
+#   1. the FP32 ONNX of the vision units (opset 23, CPU tracing) and the FP16 folder converted from it;
+#   2. INT8 calibration inputs (a synthetic room with other textures, seed 1) and the Q/DQ graphs;
+#   3. the rows, 32 frames first (the headline figure), kept across calls with --resume; rows that would end
+#      past the deadline are listed as skipped with the reason and run by the next call.
+# Repeat the call until the log says "report complete". Files under $WORK live only while the machine is warm.
+# ONNX Runtime GPU comes from .device/ort-gpu-env.sh when carried (shared/tools/ort-gpu-wheel.sh prepares it).
+# Result: $OUT/bench_h100_edge/ (report.json, report.md, plots/, logs/), to commit under benchmarks/results/.
 #
-#   bash benchmarks/h100_bench.sh prepare       # ~8 min: FP32 ONNX of the vision units (opset 23, CPU tracing;
-#                                               # perception took 61 s at 518x518 on that machine), the FP16
-#                                               # folder converted from it (no second trace), INT8 calibration
-#                                               # (synthetic room, seed 1) and the Q/DQ graphs
-#   bash benchmarks/h100_bench.sh torch         # ~8 min: torch eager fp32 + fp16 autocast, reference decoder
-#   bash benchmarks/h100_bench.sh ort           # ~8 min: ONNX Runtime CUDA fp16 + int8, fast decoder (bf16, graphs)
-#   bash benchmarks/h100_bench.sh compiled      # ~9 min: torch.compile fp16 vision + the fast decoder
-#   bash benchmarks/h100_bench.sh report        # seconds: copy the report folder to $OUT/bench_h100_edge
-#
-# Every bench phase writes into the same report with --resume and stops starting rows past --max-seconds, so
-# a phase whose rows were cut (they are listed as skipped, with the reason) is finished by running it again.
-# The first phase that finds no installed package installs it (pip install -e . --no-deps); ONNX Runtime GPU
-# comes from .device/ort-gpu-env.sh when carried (shared/tools/ort-gpu-wheel.sh prepares it).
-# Result: $OUT/bench_h100_edge/ (report.json, report.md, plots/), to commit as benchmarks/results/bench_h100_edge/.
-set -euo pipefail
+# Dry run of the same steps on a CPU (minutes):
+#   PRESET=tiny IMAGE_HW=70x84 FRAMES=4,2 ROWS=torch:fp32,onnxruntime:fp32,onnxruntime:int8 WORK=/tmp/dry \
+#     OUT=/tmp/dryout bash benchmarks/h100_bench.sh run
+set -uo pipefail
 cd "$(dirname "$0")/.."
+REPO=$PWD
 WORK=${WORK:-/tmp/vidllm-h100}
-BUDGET=${BUDGET:-500}  # seconds after which a phase starts no new row (the call limit is 600)
+DEADLINE=${DEADLINE:-570}
 PY=${PYTHON:-python3}
+ROWS=${ROWS:-torch:fp32,torch:fp16,onnxruntime:fp16,onnxruntime:int8,torch-compiled:fp16}
+LOGS=$WORK/logs
+mkdir -p "$LOGS"
 
+left() { echo $((DEADLINE - SECONDS)); }
+handback() {  # every call hands back the report and logs so far, also when a step was cut by the deadline
+  if [ -n "${OUT:-}" ]; then
+    mkdir -p "$OUT/bench_h100_edge"
+    [ -d "$WORK/report" ] && cp -r "$WORK/report/." "$OUT/bench_h100_edge/"
+    cp -r "$LOGS" "$OUT/bench_h100_edge/"
+  fi
+}
+trap handback EXIT
+
+if [ "${1:-}" != run ]; then echo "usage: bash benchmarks/h100_bench.sh run" >&2; exit 2; fi
 if [ -f .device/ort-gpu-env.sh ] && { [ -d /tmp/ortsite/onnxruntime ] || [ -d /tmp/ortw ]; }; then
   # shellcheck disable=SC1091
   source .device/ort-gpu-env.sh
 fi
 if ! "$PY" -c "import vidllm_edge.benchmarks.suite" 2>/dev/null; then
-  "$PY" -m pip install -q --no-deps --no-build-isolation -e .
+  # The package without installing it: its subpackages are top-level folders of the repository (pyproject).
+  rm -rf /tmp/vidllm-pkg && mkdir -p /tmp/vidllm-pkg && cp -r vidllm_edge /tmp/vidllm-pkg/
+  for d in models export calibration engines runtime benchmarks; do ln -s "$REPO/$d" "/tmp/vidllm-pkg/vidllm_edge/$d"; done
+  export PYTHONPATH=/tmp/vidllm-pkg${PYTHONPATH:+:$PYTHONPATH}
 fi
 
-# PRESET / IMAGE_HW / FRAMES override the H100 settings for a dry run of the phases elsewhere, e.g.
-#   PRESET=tiny IMAGE_HW=70x84 FRAMES=2,4 WORK=/tmp/dry bash benchmarks/h100_bench.sh prepare   (on a CPU)
-COMMON=(--preset "${PRESET:-edge}" --image-hw "${IMAGE_HW:-336x518}" --frames "${FRAMES:-8,16,32}"
+COMMON=(--preset "${PRESET:-edge}" --image-hw "${IMAGE_HW:-336x518}" --frames "${FRAMES:-32,8,16}"
         --export "$WORK/export" --opset 23)
-BENCH=("${COMMON[@]}" --reps 5 --warmup 2 --answer-tokens 64 --out "$WORK/report" --resume --max-seconds "$BUDGET")
-bench() { "$PY" -m vidllm_edge.runtime.cli bench "$@" || { code=$?; [ "$code" -eq 1 ] || exit "$code"; }; }  # 1: a gate failed
+step() {  # step NAME ARGS...: one bench process under what is left of the deadline, logged
+  local name=$1; shift
+  local t; t=$(left)
+  if [ "$t" -lt 60 ]; then echo "[$SECONDS s] $name: not started, ${t} s left in this call" | tee -a "$LOGS/steps.log"; exit 0; fi
+  echo "[$SECONDS s] $name (up to ${t} s) ..." | tee -a "$LOGS/steps.log"
+  timeout --signal=INT --kill-after=15 "$t" "$PY" -m vidllm_edge.runtime.cli bench "$@" >>"$LOGS/$name.log" 2>&1
+  local code=$?
+  echo "[$SECONDS s] $name: exit $code" | tee -a "$LOGS/steps.log"
+  tail -n 25 "$LOGS/$name.log"
+  return $code
+}
 
-case "${1:-}" in
-  prepare)     "$PY" -m vidllm_edge.runtime.cli bench "${COMMON[@]}" --backends onnxruntime --precision fp16,int8 --prepare-only ;;
-  torch)       bench "${BENCH[@]}" --backends torch --precision fp32,fp16 ;;
-  ort)         bench "${BENCH[@]}" --backends onnxruntime --precision fp16,int8 ;;
-  compiled)    bench "${BENCH[@]}" --backends torch-compiled --precision fp16 ;;
-  report) ;;
-  *) echo "usage: bash benchmarks/h100_bench.sh prepare|torch|ort|compiled|report" >&2; exit 2 ;;
-esac
-if [ -n "${OUT:-}" ] && [ -f "$WORK/report/report.json" ]; then  # every phase hands back the report so far
-  mkdir -p "$OUT" && rm -rf "$OUT/bench_h100_edge" && cp -r "$WORK/report" "$OUT/bench_h100_edge"
+n_int8() { ls "$WORK"/export/fp32/onnx/*.int8.onnx 2>/dev/null | wc -l; }
+if [ ! -f "$WORK/export/fp16/manifest.json" ]; then
+  step export "${COMMON[@]}" --rows torch:fp32,onnxruntime:fp16 --prepare-only || exit 1
 fi
+if [[ ",$ROWS," == *",onnxruntime:int8,"* ]] && [ "$(n_int8)" -lt 5 ]; then
+  step int8 "${COMMON[@]}" --rows onnxruntime:int8 --prepare-only || exit 1
+fi
+budget=$(( $(left) - 20 ))  # the rows stop starting before the deadline; the rest is for handing back
+step rows "${COMMON[@]}" --rows "$ROWS" --reps "${REPS:-5}" --warmup 2 --answer-tokens 64 --out "$WORK/report" \
+  --resume --max-seconds "$budget"
+code=$?
+if [ $code -le 1 ] && grep -q '"complete": true' "$WORK/report/report.json" 2>/dev/null &&
+   ! grep -q "would end past the --max-seconds" "$WORK/report/report.json"; then
+  echo "report complete (exit $code: 1 = a row failed its parity gate)" | tee -a "$LOGS/steps.log"
+fi
+exit 0

@@ -56,7 +56,8 @@ class BenchOptions:
 
     backends: tuple[str, ...] = ("torch", "onnxruntime")
     precisions: tuple[str, ...] = ("fp32",)
-    frames: tuple[int, ...] | None = None          # default: the model's num_frames
+    rows: tuple[tuple[str, str], ...] | None = None  # (backend, precision) pairs instead of backends x precisions
+    frames: tuple[int, ...] | None = None          # default: the model's num_frames; rows run in this order
     reps: int = 10
     warmup: int = 3
     answer_tokens: int = 64
@@ -87,6 +88,10 @@ def check_options(opts: BenchOptions) -> None:
         raise InputError(f"Argument: --max-seconds {opts.max_seconds:g}", "must be positive.", "Use e.g. 500.")
     if not opts.question.strip():
         raise InputError("Argument: --question", "is empty.", "Ask a question in words.")
+    if opts.rows is not None and (set(opts.backends) != {b for b, _ in opts.rows}
+                                  or set(opts.precisions) != {p for _, p in opts.rows}):
+        raise InputError("Argument: --rows", "and --backends/--precision name different configurations.",
+                         "Give either --rows BACKEND:PRECISION,... or --backends and --precision, not both.")
     for name in opts.backends:
         if name not in BACKENDS:
             raise InputError(f"Backend: {name}", "is unknown.", f"Choose from {', '.join(BACKENDS)}.")
@@ -132,7 +137,8 @@ class PlacedUnit(Backend):
 class Suite:
     """One benchmark run: the model on its device, the frames, the artifacts, and the rows measured so far."""
 
-    def __init__(self, model, model_name: str, opts: BenchOptions, log: TextIO | None = None) -> None:
+    def __init__(self, model, model_name: str, opts: BenchOptions, log: TextIO | None = None,
+                 started: float | None = None) -> None:
         check_options(opts)
         self.log = log or sys.stderr
         self.opts = opts
@@ -150,7 +156,7 @@ class Suite:
         from vidllm_edge.models.llm import GenerationConfig
 
         self.gen = GenerationConfig(max_new_tokens=opts.answer_tokens, temperature=0.0)
-        self.start = time.perf_counter()
+        self.start = time.perf_counter() if started is None else started  # --max-seconds counts from here
         self._decoders: dict[tuple, Any] = {}
         self._torch_units: dict[tuple, dict] = {}
         self._units: dict[tuple, tuple] = {}
@@ -374,7 +380,7 @@ class Suite:
         row["seconds"] = time.perf_counter() - start
         row["status"] = "ok"
         del units, pipe, scene
-        if s == max(self.frames) and (backend, precision) in self._units:
+        if s == self.frames[-1] and (backend, precision) in self._units:
             del self._units[(backend, precision)]  # its last row in this run: free the sessions
         gc.collect()
         if self.device.type == "cuda":
@@ -420,7 +426,9 @@ class Suite:
 
     # -- the whole run ------------------------------------------------------------------------------
     def plan(self) -> list[tuple[str, str, int]]:
-        return [(b, p, s) for s in self.frames for b in self.opts.backends for p in self.opts.precisions]
+        """The rows in run order: frame counts in the order given, then the configurations in theirs."""
+        pairs = self.opts.rows or [(b, p) for b in self.opts.backends for p in self.opts.precisions]
+        return [(b, p, s) for s in self.frames for b, p in pairs]
 
     def estimate(self, rows: list[dict], s: int) -> float:
         """Seconds a row at ``s`` frames is expected to take: the slowest row measured at that frame count,
@@ -489,7 +497,8 @@ def run_meta(suite: Suite, model_name: str) -> dict[str, Any]:
     return {"environment": environment(suite.device), "run": {
         "model": model_name, "image_hw": list(suite.image_hw), "reps": opts.reps, "warmup": opts.warmup,
         "answer_tokens": opts.answer_tokens, "question": opts.question, "frames": list(suite.frames),
-        "backends": list(opts.backends), "precisions": list(opts.precisions), "gates": suite.gates,
+        "backends": list(opts.backends), "precisions": list(opts.precisions),
+        "rows": [f"{b}:{p}" for b, p in opts.rows] if opts.rows else None, "gates": suite.gates,
         "video": str(opts.video) if opts.video else "synthetic room (seed 0), rendered at the frame size",
         "export": str(opts.export) if opts.export else "temporary", "opset": opts.opset,
         "engines": str(opts.engines) if opts.engines else None, "compile_backend": opts.compile_backend,
@@ -500,14 +509,16 @@ def run_meta(suite: Suite, model_name: str) -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}}
 
 
-def run_bench(model, model_name: str, opts: BenchOptions, out: Path | None, log: TextIO | None = None) -> dict:
+def run_bench(model, model_name: str, opts: BenchOptions, out: Path | None, log: TextIO | None = None,
+              started: float | None = None) -> dict:
     """Run every configuration of ``opts`` on ``model``; write the report into ``out`` after each row (atomically)
-    and return it. Bad input raises before anything is computed or written."""
+    and return it. Bad input raises before anything is computed or written. ``started``: the ``perf_counter()``
+    the --max-seconds budget counts from (default: now; the CLI passes its own start, model loading included)."""
     from vidllm_edge.benchmarks import report as R
     from vidllm_edge.benchmarks import roofline
 
     log = log or sys.stderr
-    suite = Suite(model, model_name, opts, log)
+    suite = Suite(model, model_name, opts, log, started)
     try:
         meta = run_meta(suite, model_name)
         rows = _resume_rows(out, meta, log) if opts.resume else []

@@ -149,6 +149,19 @@ def test_video_input_and_the_time_budget(tmp_path):
     assert second["status"] == "skipped" and second["reason"].startswith("would end past the --max-seconds 0.001 budget")
 
 
+def test_rows_run_only_the_named_pairs_in_the_frame_order_given(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(ARGS[:3] + ["--reps", "1", "--warmup", "0", "--answer-tokens", "4", "--rows", "torch:fp16,torch:fp32",
+                            "--frames", "4,2", "--out", str(out)]) == 0
+    report = load_report(out / REPORT_JSON)
+    assert report["meta"]["run"]["rows"] == ["torch:fp16", "torch:fp32"]
+    assert [(r["backend"], r["precision"], r["frames"], r["status"]) for r in report["configs"]] == [
+        ("torch", "fp32", 2, "ok"), ("torch", "fp16", 2, "skipped"), ("torch", "fp32", 4, "ok"),
+        ("torch", "fp16", 4, "skipped")]  # the report is sorted; the run went 4 frames first:
+    log = capsys.readouterr().err
+    assert log.index("torch fp32 at 4 frames ...") < log.index("torch fp32 at 2 frames ...")
+
+
 @pytest.mark.skipif(available("tensorrt"), reason="checks the reason given when TensorRT is absent")
 def test_tensorrt_without_the_package_is_skipped_with_the_reason(run, tmp_path):
     engines = _engines(tmp_path, run["export"] / "fp32")
@@ -184,6 +197,18 @@ def test_bad_numbers_and_gates(capsys, tmp_path):
     err = _bad(capsys, ARGS + ["--gate", "fp16:rel=1e-2"], out)
     assert err.startswith("error: Argument: --gate fp16:rel=1e-2 | is not PRECISION:KEY=VALUE with a known precision "
                           "and key.\nNote: Write PRECISION:KEY=VALUE items")
+
+
+def test_bad_rows(capsys, tmp_path):
+    out = tmp_path / "out"
+    err = _bad(capsys, ARGS + ["--rows", "torch:fp32,onnxruntime"], out)
+    assert err == ("error: Argument: --rows torch:fp32,onnxruntime | has the entry 'onnxruntime', not BACKEND:PRECISION "
+                   "with a known backend and precision.\nNote: Write BACKEND:PRECISION pairs, comma-separated, e.g. "
+                   "--rows torch:fp32,onnxruntime:int8 (backends torch, torch-compiled, onnxruntime, tensorrt; "
+                   "precisions fp32, fp16, int8).\n")
+    err = _bad(capsys, ARGS + ["--rows", "torch:fp32", "--precision", "fp16"], out)
+    assert err == ("error: Argument: --rows torch:fp32 | was given with --backends or --precision.\nNote: Give either "
+                   "--rows BACKEND:PRECISION,... or --backends and --precision, not both.\n")
 
 
 def test_frame_count_outside_the_export_profile(run, capsys, tmp_path):
