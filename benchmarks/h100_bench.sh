@@ -54,6 +54,22 @@ if ! "$PY" -c "import vidllm_edge.benchmarks.suite" 2>/dev/null; then
   export PYTHONPATH=/tmp/vidllm-pkg${PYTHONPATH:+:$PYTHONPATH}
 fi
 
+if [[ "$ROWS" == *onnxruntime* ]] && [ -z "${PRESET:-}" ]; then
+  # Preflight: ONNX Runtime's CUDA provider must start (it falls back to the CPU with only a warning otherwise,
+  # which open_session turns into an error quoting the reason); minutes of export are useless without it.
+  "$PY" - <<'PY' 2>&1 | tee -a "$LOGS/steps.log" || exit 3
+import tempfile, pathlib, onnx
+from onnx import TensorProto, helper
+from vidllm_edge.runtime.ort_backend import open_session
+g = helper.make_graph([helper.make_node("MatMul", ["x", "x"], ["y"])], "g",
+                      [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 4])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 4])])
+path = pathlib.Path(tempfile.mkdtemp()) / "preflight.onnx"
+onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), path)
+print("preflight: ONNX Runtime providers of a session:", open_session(path, ["CUDAExecutionProvider"]).get_providers())
+PY
+fi
+
 COMMON=(--preset "${PRESET:-edge}" --image-hw "${IMAGE_HW:-336x518}" --frames "${FRAMES:-32,8,16}"
         --export "$WORK/export" --opset 23)
 step() {  # step NAME ARGS...: one bench process under what is left of the deadline, logged
