@@ -47,9 +47,10 @@ if [ -f .device/ort-gpu-env.sh ] && { [ -d /tmp/ortsite/onnxruntime ] || [ -d /t
   # shellcheck disable=SC1091
   source .device/ort-gpu-env.sh
 fi
+cd "$WORK"  # Python runs outside the repository: its vidllm_edge/ folder alone would shadow the package
 if ! "$PY" -c "import vidllm_edge.benchmarks.suite" 2>/dev/null; then
   # The package without installing it: its subpackages are top-level folders of the repository (pyproject).
-  rm -rf /tmp/vidllm-pkg && mkdir -p /tmp/vidllm-pkg && cp -r vidllm_edge /tmp/vidllm-pkg/
+  rm -rf /tmp/vidllm-pkg && mkdir -p /tmp/vidllm-pkg && cp -r "$REPO/vidllm_edge" /tmp/vidllm-pkg/
   for d in models export calibration engines runtime benchmarks; do ln -s "$REPO/$d" "/tmp/vidllm-pkg/vidllm_edge/$d"; done
   export PYTHONPATH=/tmp/vidllm-pkg${PYTHONPATH:+:$PYTHONPATH}
 fi
