@@ -15,7 +15,10 @@
 #   2. INT8 calibration inputs (a synthetic room with other textures, seed 1) and the Q/DQ graphs;
 #   3. the rows, 32 frames first (the headline figure), kept across calls with --resume; rows that would end
 #      past the deadline are listed as skipped with the reason and run by the next call.
-# Repeat the call until the log says "report complete". Files under $WORK live only while the machine is warm.
+# Repeat the call until the log says "report complete". Files under $WORK live only while the machine is warm;
+# RESUME_REPORT=path/report.json (relative to the repository) starts a fresh machine from the rows of an
+# earlier one (same device kind and settings, or --resume refuses it). INT8_SECONDS (default 300): the least
+# time left in a call for starting the INT8 step (it is not resumable within itself).
 # ONNX Runtime GPU comes from .device/ort-gpu-env.sh when carried (shared/tools/ort-gpu-wheel.sh prepares it).
 # Result: $OUT/bench_h100_edge/ (report.json, report.md, plots/, logs/), to commit under benchmarks/results/.
 #
@@ -66,17 +69,17 @@ g = helper.make_graph([helper.make_node("MatMul", ["x", "x"], ["y"])], "g",
                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 4])],
                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 4])])
 path = pathlib.Path(tempfile.mkdtemp()) / "preflight.onnx"
-onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), path)
+onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=9), path)
 print("preflight: ONNX Runtime providers of a session:", open_session(path, ["CUDAExecutionProvider"]).get_providers())
 PY
 fi
 
 COMMON=(--preset "${PRESET:-edge}" --image-hw "${IMAGE_HW:-336x518}" --frames "${FRAMES:-32,8,16}"
         --export "$WORK/export" --opset 23)
-step() {  # step NAME ARGS...: one bench process under what is left of the deadline, logged
-  local name=$1; shift
+step() {  # step NAME MIN_SECONDS ARGS...: one bench process under what is left of the deadline, logged;
+  local name=$1 need=$2; shift 2  # not started with less than MIN_SECONDS left (the next call does it)
   local t; t=$(left)
-  if [ "$t" -lt 60 ]; then echo "[$SECONDS s] $name: not started, ${t} s left in this call" | tee -a "$LOGS/steps.log"; exit 0; fi
+  if [ "$t" -lt "$need" ]; then echo "[$SECONDS s] $name: not started, ${t} s left in this call" | tee -a "$LOGS/steps.log"; exit 0; fi
   echo "[$SECONDS s] $name (up to ${t} s) ..." | tee -a "$LOGS/steps.log"
   timeout --signal=INT --kill-after=15 "$t" "$PY" -m vidllm_edge.runtime.cli bench "$@" >>"$LOGS/$name.log" 2>&1
   local code=$?
@@ -85,15 +88,19 @@ step() {  # step NAME ARGS...: one bench process under what is left of the deadl
   return $code
 }
 
+if [ -n "${RESUME_REPORT:-}" ] && [ ! -f "$WORK/report/report.json" ]; then  # rows an earlier machine measured
+  case $RESUME_REPORT in /*) src=$RESUME_REPORT ;; *) src=$REPO/$RESUME_REPORT ;; esac
+  mkdir -p "$WORK/report" && cp "$src" "$WORK/report/report.json"
+fi
 n_int8() { ls "$WORK"/export/fp32/onnx/*.int8.onnx 2>/dev/null | wc -l; }
 if [ ! -f "$WORK/export/fp16/manifest.json" ]; then
-  step export "${COMMON[@]}" --rows torch:fp32,onnxruntime:fp16 --prepare-only || exit 1
+  step export 60 "${COMMON[@]}" --rows torch:fp32,onnxruntime:fp16 --prepare-only || exit 1
 fi
 if [[ ",$ROWS," == *",onnxruntime:int8,"* ]] && [ "$(n_int8)" -lt 5 ]; then
-  step int8 "${COMMON[@]}" --rows onnxruntime:int8 --prepare-only || exit 1
+  step int8 "${INT8_SECONDS:-300}" "${COMMON[@]}" --rows onnxruntime:int8 --prepare-only || exit 1
 fi
 budget=$(( $(left) - 20 ))  # the rows stop starting before the deadline; the rest is for handing back
-step rows "${COMMON[@]}" --rows "$ROWS" --reps "${REPS:-5}" --warmup 2 --answer-tokens 64 --out "$WORK/report" \
+step rows 90 "${COMMON[@]}" --rows "$ROWS" --reps "${REPS:-5}" --warmup 2 --answer-tokens 64 --out "$WORK/report" \
   --resume --max-seconds "$budget"
 code=$?
 if [ $code -le 1 ] && grep -q '"complete": true' "$WORK/report/report.json" 2>/dev/null &&

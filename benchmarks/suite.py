@@ -121,12 +121,28 @@ class PlacedUnit(Backend):
                     out = inner(**feed)
                 return {k: v.float() for k, v in out.items()}
         if compile_backend:
-            fn = torch.compile(fn, backend=compile_backend, dynamic=False)
-        self.fn, self.device = fn, device
+            # Every PlacedUnit compiles this same wrapper code, and torch._dynamo keeps at most recompile_limit
+            # (8) graphs per code object, then runs the rest EAGER with only a warning: on the H100 the compiled
+            # geometry unit at 8 frames ran eager after the five units' 32-frame graphs. Room for every unit and
+            # frame count of a run:
+            import torch._dynamo.config as dynamo_config
+
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+            fn = torch.compile(fn, backend=compile_backend)
+        self.fn, self.device, self.compiled = fn, device, bool(compile_backend)
+        # The input axes that vary with the scene (frames S, metric-depth frames Sm, visual tokens N: the spec's
+        # symbols not fixed by the frame size) are compiled symbolic: one graph serves every frame count (as one
+        # TensorRT profile does), not one compile per count.
+        self.s_axes = {t.name: [i for i, d in enumerate(t.shape) if isinstance(d, str) and d not in unit.bound]
+                       for t in unit.spec.inputs}
 
     def __call__(self, feed):
         feed = {k: v.to(self.device) for k, v in feed.items()}
         validate_feed(self.spec, feed, self.bound)
+        if self.compiled:
+            for name, axes in self.s_axes.items():
+                for axis in axes:
+                    torch._dynamo.maybe_mark_dynamic(feed[name], axis)
         with torch.inference_mode():
             return self.fn(**feed)
 
@@ -291,7 +307,16 @@ class Suite:
             self._units[(backend, precision)] = self._runtime_units(backend, precision)
         return self._units[(backend, precision)]
 
+    def release_cached(self) -> None:
+        """Give the blocks torch's caching allocator holds back to the device: ONNX Runtime and TensorRT allocate
+        outside it (on the H100 an S=32 ONNX Runtime row ran out of memory next to a torch cache of the FP32
+        reference's activations)."""
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def _runtime_units(self, backend: str, precision: str) -> tuple[dict[str, Backend], dict[str, Any]]:
+        self.release_cached()
         p = self.cfg.patch_size
         dims = {"H": self.image_hw[0], "W": self.image_hw[1], "P": (self.image_hw[0] // p) * (self.image_hw[1] // p),
                 "C": self.cfg.embed_dim, "D": self.model.dim_llm}
@@ -350,6 +375,8 @@ class Suite:
                 q_tokens = len(decoder._question_ids(self.opts.question)[0])
             answer = scene.ask(self.opts.question, self.gen)
             self._references[s] = Reference.from_run(recording, scene, answer, q_tokens)
+            del recording, scene, answer
+            self.release_cached()
         return self._references[s]
 
     # -- one row ------------------------------------------------------------------------------------
@@ -380,11 +407,11 @@ class Suite:
         row["seconds"] = time.perf_counter() - start
         row["status"] = "ok"
         del units, pipe, scene
-        if s == self.frames[-1] and (backend, precision) in self._units:
-            del self._units[(backend, precision)]  # its last row in this run: free the sessions
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        if (backend, precision) in self._units and (s == self.frames[-1] or self.device.type == "cuda"):
+            # Free the sessions after their last row, and on CUDA after every row: an ONNX Runtime session's
+            # memory arena only grows, and on the H100 two precisions' arenas after 32 frames did not fit.
+            del self._units[(backend, precision)]
+        self.release_cached()
         return row
 
     def _measure(self, pipe, frames) -> tuple[list[dict], Any, Any, dict]:

@@ -64,13 +64,36 @@ def open_session(path: Path, providers: list[str], basic_optimizations: bool = F
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+            session = ort.InferenceSession(str(path), sess_options=options, providers=provider_options(providers))
     except Exception as exc:  # ORT raises its own Fail/InvalidProtobuf types
+        text = " ".join(str(exc).split())
+        if providers and providers[0] != "CPUExecutionProvider" and any(m in text for m in DEVICE_FAILURES):
+            raise DependencyError(f"ONNX Runtime provider: {providers[0]}", f"failed while loading {Path(path).name}: "
+                                  f"{_device_failure(text)}.", "The device is out of memory or its libraries failed: "
+                                  "free device memory (other processes, other sessions), or use fewer frames.") from exc
         raise CheckpointError(f"ONNX file: {path}", f"cannot be loaded ({str(exc).splitlines()[0][:300]}).",
                               "The file is damaged or incomplete: export again (vidllm-edge export ...).") from exc
     if providers:
         check_started(session, providers[0], path, [str(w.message) for w in caught])
     return session
+
+
+# What ONNX Runtime says when a session fails to load for the device's sake, not the file's (seen on the H100:
+# cublasCreate failing for lack of memory next to another precision's sessions).
+DEVICE_FAILURES = ("CUBLAS failure", "CUDA failure", "CUDNN failure", "Failed to allocate", "out of memory")
+
+
+def _device_failure(text: str) -> str:
+    at = min(text.find(m) for m in DEVICE_FAILURES if m in text)
+    return text[at:at + 200]
+
+
+def provider_options(providers: list[str]) -> list:
+    """``providers`` as ONNX Runtime takes them, with our options: the CUDA provider's memory arena grows by
+    what is requested, not to the next power of two (the default doubles a 30 GB arena to 64 GB; on a Jetson
+    the GPU shares the board's 8-64 GB with everything else)."""
+    return [(p, {"arena_extend_strategy": "kSameAsRequested"}) if p == "CUDAExecutionProvider" else p
+            for p in providers]
 
 
 def needs_basic_rewrites(qdq: bool, opset: int) -> bool:

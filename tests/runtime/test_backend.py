@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vidllm_edge.errors import InputError
+from vidllm_edge.errors import CheckpointError, InputError
 from vidllm_edge.runtime.backend import Backend, validate_feed
 from vidllm_edge.units import GEOMETRY, PERCEPTION, METRIC_DEPTH, FEATURE_NAMES
 
@@ -73,3 +73,41 @@ def test_a_provider_that_fails_to_start_is_an_error_not_a_quiet_cpu_run(tmp_path
                                               r"for llm_decode.onnx"):
         ort_llm._session(ort, tmp_path / "llm_decode.onnx", ["CUDAExecutionProvider"])
     assert ort_backend.open_session(path, ["CPUExecutionProvider"]).get_providers() == ["CPUExecutionProvider"]
+
+
+def test_a_device_failure_while_loading_is_not_called_a_damaged_file(tmp_path, monkeypatch):
+    """On the H100 a session that could not create its cuBLAS handle (device memory held by other sessions) was
+    reported as a damaged ONNX file; it is a DependencyError that says what failed. The CUDA provider is asked
+    to grow its memory arena by what is requested, not to the next power of two."""
+    import onnxruntime as ort
+
+    from vidllm_edge.errors import DependencyError
+    from vidllm_edge.runtime import ort_backend
+
+    asked = []
+
+    class NoMemory:
+        def __init__(self, path, sess_options=None, providers=None):
+            asked.append(providers)
+            raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Exception during initialization: cuda_call.cc:154 "
+                               "CudaCall CUBLAS failure 3: the resource allocation failed ; GPU=0 ; "
+                               "expr=cublasCreate(&cublas_handle_);")
+
+    monkeypatch.setattr(ort, "InferenceSession", NoMemory)
+    with pytest.raises(DependencyError) as err:
+        ort_backend.open_session(tmp_path / "geometry.int8.onnx", ["CUDAExecutionProvider"])
+    assert str(err.value) == (
+        "ONNX Runtime provider: CUDAExecutionProvider | failed while loading geometry.int8.onnx: CUBLAS failure 3: the "
+        "resource allocation failed ; GPU=0 ; expr=cublasCreate(&cublas_handle_);.\nNote: The device is out of memory "
+        "or its libraries failed: free device memory (other processes, other sessions), or use fewer frames.")
+    assert asked == [[("CUDAExecutionProvider", {"arena_extend_strategy": "kSameAsRequested"})]]
+
+    class Damaged:
+        def __init__(self, path, sess_options=None, providers=None):
+            raise RuntimeError("[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Load model from unit.onnx failed:Protobuf "
+                               "parsing failed.")
+
+    monkeypatch.setattr(ort, "InferenceSession", Damaged)
+    with pytest.raises(CheckpointError, match=r"^ONNX file: .*unit.onnx \| cannot be loaded \(\[ONNXRuntimeError\] : 7 : "
+                                              r"INVALID_PROTOBUF"):
+        ort_backend.open_session(tmp_path / "unit.onnx", ["CUDAExecutionProvider"])
