@@ -61,20 +61,22 @@ def open_session(path: Path, providers: list[str], basic_optimizations: bool = F
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if basic_optimizations:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    # entries are names or (name, options) pairs (ort_trt_providers)
+    first = (providers[0] if isinstance(providers[0], str) else providers[0][0]) if providers else None
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             session = ort.InferenceSession(str(path), sess_options=options, providers=provider_options(providers))
     except Exception as exc:  # ORT raises its own Fail/InvalidProtobuf types
         text = " ".join(str(exc).split())
-        if providers and providers[0] != "CPUExecutionProvider" and any(m in text for m in DEVICE_FAILURES):
-            raise DependencyError(f"ONNX Runtime provider: {providers[0]}", f"failed while loading {Path(path).name}: "
+        if providers and first != "CPUExecutionProvider" and any(m in text for m in DEVICE_FAILURES):
+            raise DependencyError(f"ONNX Runtime provider: {first}", f"failed while loading {Path(path).name}: "
                                   f"{_device_failure(text)}.", "The device is out of memory or its libraries failed: "
                                   "free device memory (other processes, other sessions), or use fewer frames.") from exc
         raise CheckpointError(f"ONNX file: {path}", f"cannot be loaded ({str(exc).splitlines()[0][:300]}).",
                               "The file is damaged or incomplete: export again (vidllm-edge export ...).") from exc
     if providers:
-        check_started(session, providers[0], path, [str(w.message) for w in caught])
+        check_started(session, first, path, [str(w.message) for w in caught])
     return session
 
 
@@ -90,8 +92,8 @@ def _device_failure(text: str) -> str:
 
 def provider_options(providers: list[str]) -> list:
     """``providers`` as ONNX Runtime takes them, with our options: the CUDA provider's memory arena grows by
-    what is requested, not to the next power of two (the default doubles a 30 GB arena to 64 GB; on a Jetson
-    the GPU shares the board's 8-64 GB with everything else)."""
+    what is requested, not to the next power of two (the default may reserve up to twice what a run needs; on
+    a Jetson the GPU shares the board's 8-64 GB with everything else). Entries given with options are kept."""
     return [(p, {"arena_extend_strategy": "kSameAsRequested"}) if p == "CUDAExecutionProvider" else p
             for p in providers]
 

@@ -111,3 +111,25 @@ def test_a_device_failure_while_loading_is_not_called_a_damaged_file(tmp_path, m
     with pytest.raises(CheckpointError, match=r"^ONNX file: .*unit.onnx \| cannot be loaded \(\[ONNXRuntimeError\] : 7 : "
                                               r"INVALID_PROTOBUF"):
         ort_backend.open_session(tmp_path / "unit.onnx", ["CUDAExecutionProvider"])
+
+
+def test_providers_given_with_options_are_checked_by_name(tmp_path, monkeypatch):
+    """ONNX Runtime's TensorRT route passes (name, options) pairs (ort_trt_providers); the started-provider check
+    compares names, and pairs reach ONNX Runtime unchanged."""
+    import onnxruntime as ort
+
+    from vidllm_edge.runtime import ort_backend
+
+    asked = []
+
+    class Started:
+        def __init__(self, path, sess_options=None, providers=None):
+            asked.append(providers)
+
+        def get_providers(self):
+            return ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+    monkeypatch.setattr(ort, "InferenceSession", Started)
+    providers = [("TensorrtExecutionProvider", {"trt_fp16_enable": True}), ("CUDAExecutionProvider", {"device_id": 0})]
+    ort_backend.open_session(tmp_path / "unit.onnx", providers)
+    assert asked == [providers]
